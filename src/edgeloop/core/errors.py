@@ -1,0 +1,62 @@
+"""The one error hierarchy of edgeloop.
+
+    EdgeloopError                  every error edgeloop raises on purpose
+    ├── ValidationError            bad input: names where (file), what (field) and why
+    │   ├── RecipeError            a component recipe is invalid
+    │   ├── ConfigurationError     a configuration update or JSON pointer is invalid
+    │   └── ArtifactError          an artifact is missing, corrupt or unsafe
+    ├── ResolutionError            component versions cannot be resolved (names the clash)
+    ├── DeploymentError            a deployment could not be applied
+    ├── ComponentError             a component is unknown or in the wrong state
+    └── AgentError                 the hub's agent is unreachable or answered with an error
+
+Foreign errors are translated once, at the boundary: ``raise RecipeError(...) from err``.
+"""
+
+from __future__ import annotations
+
+
+class EdgeloopError(Exception):
+    """Base of every error edgeloop raises on purpose."""
+
+
+class ValidationError(EdgeloopError):
+    """Bad input; the message names the source, the field and the reason."""
+
+    def __init__(self, reason: str, *, source: str | None = None, field: str | None = None):
+        self.reason = reason
+        self.source = source
+        self.field = field
+        super().__init__(self._render())
+
+    def _render(self) -> str:
+        where = ": ".join(part for part in (self.source, self.field) if part)
+        return f"{where}: {self.reason}" if where else self.reason
+
+
+class RecipeError(ValidationError):
+    """A component recipe is invalid."""
+
+
+class ConfigurationError(ValidationError):
+    """A configuration update, or a JSON pointer in one, is invalid."""
+
+
+class ArtifactError(ValidationError):
+    """An artifact is missing, does not match its digest, or is unsafe to unpack."""
+
+
+class ResolutionError(EdgeloopError):
+    """The requested components have no set of versions that satisfies every requirement."""
+
+
+class DeploymentError(EdgeloopError):
+    """A deployment could not be applied."""
+
+
+class ComponentError(EdgeloopError):
+    """A component is unknown, or not in a state that allows the request."""
+
+
+class AgentError(EdgeloopError):
+    """The hub's agent is unreachable, or answered a request with an error."""
