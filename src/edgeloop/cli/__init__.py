@@ -1,0 +1,1 @@
+"""The `edgeloop` command line."""

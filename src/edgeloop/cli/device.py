@@ -1,0 +1,339 @@
+"""`edgeloop device …`: run a hub and manage what it runs."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.live import Live
+from rich.table import Table
+
+from edgeloop.cli._common import (
+    JsonOption,
+    RootOption,
+    console,
+    err_console,
+    one_line_errors,
+    print_json,
+)
+from edgeloop.core.errors import AgentError, ValidationError
+from edgeloop.edge.control import ControlClient
+
+app = typer.Typer(help="Run a hub and manage its components.", no_args_is_help=True)
+
+STATE_STYLE = {
+    "RUNNING": "green",
+    "FINISHED": "cyan",
+    "ERRORED": "red",
+    "BROKEN": "bold red",
+    "STARTING": "yellow",
+    "STOPPING": "yellow",
+    "INSTALLED": "blue",
+    "NEW": "dim",
+}
+
+
+@app.command()
+@one_line_errors
+def run(
+    root: RootOption,
+    thing_name: Annotated[
+        str | None, typer.Option(help="The hub's thing name (default: the host name).")
+    ] = None,
+    health_window: Annotated[
+        float | None,
+        typer.Option(help="Default seconds a deployment's components must stay healthy."),
+    ] = None,
+) -> None:
+    """Run the hub's agent in the foreground (Ctrl-C stops it and its components)."""
+    argv = [sys.executable, "-m", "edgeloop.edge.agent", "--root", str(root)]
+    if thing_name:
+        argv += ["--thing-name", thing_name]
+    if health_window is not None:
+        argv += ["--health-window", str(health_window)]
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # exec, so the agent process carries none of the CLI's imports (memory is a target).
+    os.execv(sys.executable, argv)
+
+
+@app.command()
+@one_line_errors
+def status(root: RootOption, as_json: JsonOption = False) -> None:
+    """Show the agent's status."""
+    with ControlClient(root) as client:
+        result = client.call("status")
+    if as_json:
+        print_json(result)
+        return
+    counts = ", ".join(f"{n} {s}" for s, n in sorted(result["components"].items())) or "none"
+    console.print(f"[bold]hub[/bold] {result['thingName']} at {result['root']}")
+    console.print(f"agent {result['version']}, pid {result['pid']}, up {_ago(result['startedAt'])}")
+    console.print(f"deployment {result['deploymentId'] or '(none yet)'}")
+    console.print(f"components: {counts}")
+
+
+@app.command()
+@one_line_errors
+def components(root: RootOption, as_json: JsonOption = False) -> None:
+    """List components: name, version, state, pid, restarts, last error."""
+    with ControlClient(root) as client:
+        result = client.call("components")
+    if as_json:
+        print_json(result)
+        return
+    console.print(components_table(result))
+
+
+def components_table(rows: list[dict[str, Any]]) -> Table:
+    """The components as a rich table."""
+    table = Table(title="components")
+    table.add_column("name", no_wrap=True)
+    for column in ("version", "state", "pid", "restarts", "since", "last error / note"):
+        table.add_column(column)
+    for row in rows:
+        style = STATE_STYLE.get(row["state"], "")
+        error = row.get("lastError")
+        detail = row.get("note") or ""
+        if error:
+            detail = f"{error['reason']}" + (f"; {detail}" if detail else "")
+        table.add_row(
+            row["name"],
+            row["version"],
+            f"[{style}]{row['state']}[/{style}]" if style else row["state"],
+            str(row["pid"] or "-"),
+            str(row["restarts"]),
+            _ago(row["since"]),
+            detail,
+        )
+    return table
+
+
+@app.command()
+@one_line_errors
+def deploy(
+    root: RootOption,
+    recipe_dir: Annotated[
+        Path | None, typer.Option(help="Folder of recipes (JSON or YAML) to add to the hub.")
+    ] = None,
+    artifact_dir: Annotated[
+        Path | None, typer.Option(help="Artifacts laid out as <name>/<version>/<file>.")
+    ] = None,
+    merge: Annotated[
+        list[str] | None, typer.Option(help="Add or update a root component: NAME=VERSION.")
+    ] = None,
+    remove: Annotated[list[str] | None, typer.Option(help="Remove a root component.")] = None,
+    update_config: Annotated[
+        str | None,
+        typer.Option(
+            help='Configuration updates: JSON {"NAME": {"MERGE": {...}, "RESET": ["/ptr"]}}, '
+            "or @FILE."
+        ),
+    ] = None,
+    failure_handling: Annotated[
+        str, typer.Option(help="ROLLBACK (default) or DO_NOTHING.")
+    ] = "ROLLBACK",
+    health_window: Annotated[
+        float | None, typer.Option(help="Seconds the components must stay healthy.")
+    ] = None,
+    timeout: Annotated[
+        float | None, typer.Option(help="Seconds to wait for the components to settle.")
+    ] = None,
+    wait: Annotated[bool, typer.Option(help="Wait for the outcome.")] = True,
+    as_json: JsonOption = False,
+) -> None:
+    """Deploy components from local recipes and artifacts, like the Greengrass CLI."""
+    request: dict[str, Any] = {
+        "recipeDir": str(recipe_dir.resolve()) if recipe_dir else None,
+        "artifactDir": str(artifact_dir.resolve()) if artifact_dir else None,
+        "merge": _parse_merge(merge or []),
+        "remove": list(remove or []),
+        "updateConfig": _parse_update_config(update_config),
+        "failureHandling": failure_handling.upper(),
+        "healthWindow": health_window,
+        "timeout": timeout,
+    }
+    started = time.monotonic()
+    with ControlClient(root) as client:
+        record = client.call("deploy", **request)
+        if wait:
+            record = _wait_for_deployment(client, record["deploymentId"], quiet=as_json)
+    elapsed = time.monotonic() - started
+    if as_json:
+        print_json(record)
+    else:
+        _print_deployment(record, elapsed if wait else None)
+    if record["status"] == "FAILED":
+        raise typer.Exit(1)
+
+
+def _parse_merge(items: list[str]) -> dict[str, str]:
+    merge: dict[str, str] = {}
+    for item in items:
+        name, sep, version = item.partition("=")
+        if not sep or not name or not version:
+            raise ValidationError(f"{item!r} is not NAME=VERSION", field="--merge")
+        merge[name.strip()] = version.strip()
+    return merge
+
+
+def _parse_update_config(text: str | None) -> Any:
+    if not text:
+        return None
+    source = "--update-config"
+    if text.startswith("@"):
+        path = Path(text[1:])
+        source = str(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as err:
+            raise ValidationError(f"cannot read it: {err.strerror}", source=source) from err
+    try:
+        return json.loads(text)
+    except ValueError as err:
+        raise ValidationError(f"not valid JSON ({err})", source=source) from err
+
+
+def _wait_for_deployment(client: ControlClient, deployment_id: str, *, quiet: bool) -> Any:
+    terminal = ("SUCCEEDED", "FAILED", "CANCELED")
+    if quiet or not console.is_terminal:
+        while True:
+            record = client.call("deployment", id=deployment_id)
+            if record["status"] in terminal:
+                return record
+            time.sleep(0.05)
+    with Live(console=console, refresh_per_second=8, transient=True) as live:
+        while True:
+            record = client.call("deployment", id=deployment_id)
+            if record["status"] in terminal:
+                return record
+            table = components_table(client.call("components"))
+            table.title = f"deployment {deployment_id}: {record['status']}"
+            live.update(table)
+            time.sleep(0.1)
+
+
+def _print_deployment(record: dict[str, Any], elapsed: float | None) -> None:
+    status = record["status"]
+    took = f" in {elapsed:.2f} s" if elapsed is not None else ""
+    colour = {"SUCCEEDED": "green", "FAILED": "red"}.get(status, "yellow")
+    console.print(
+        f"deployment {record['deploymentId']} [{colour}]{status}[/{colour}]{took}"
+        + (f" ({record['detailedStatus']})" if record.get("detailedStatus") else ""),
+        highlight=False,
+    )
+    if record.get("failureCause"):
+        err_console.print(record["failureCause"], highlight=False, markup=False)
+
+
+@app.command()
+@one_line_errors
+def deployments(
+    root: RootOption,
+    deployment_id: Annotated[str | None, typer.Argument(help="Show one deployment.")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """List the hub's deployments, newest first (or show one)."""
+    with ControlClient(root) as client:
+        if deployment_id:
+            record = client.call("deployment", id=deployment_id)
+            if as_json:
+                print_json(record)
+            else:
+                _print_deployment(record, None)
+                console.print_json(data=record["request"])
+            return
+        result = client.call("deployments")
+    if as_json:
+        print_json(result)
+        return
+    table = Table(title="deployments")
+    for column in ("id", "status", "detail", "created", "components", "failure"):
+        table.add_column(column, overflow="fold")
+    for rec in result:
+        req = rec["request"]
+        what = ", ".join(
+            [f"{n}={v}" for n, v in req["merge"].items()] + [f"-{n}" for n in req["remove"]]
+        )
+        cause = (rec.get("failureCause") or "").splitlines()
+        table.add_row(
+            rec["deploymentId"],
+            rec["status"],
+            rec.get("detailedStatus") or "",
+            _ago(rec["createdAt"]),
+            what,
+            cause[0] if cause else "",
+        )
+    console.print(table)
+
+
+@app.command()
+@one_line_errors
+def restart(name: str, root: RootOption) -> None:
+    """Restart a component (and its HARD dependents)."""
+    with ControlClient(root, timeout=120) as client:
+        result = client.call("restart", name=name)
+    console.print(f"{name}: {result['state']}")
+
+
+@app.command()
+@one_line_errors
+def stop(name: str, root: RootOption) -> None:
+    """Stop a component until it is restarted or redeployed."""
+    with ControlClient(root, timeout=120) as client:
+        result = client.call("stop", name=name)
+    console.print(f"{name}: {result['state']}")
+
+
+@app.command()
+@one_line_errors
+def logs(
+    name: str,
+    root: RootOption,
+    follow: Annotated[
+        bool, typer.Option("--follow", "-f", help="Keep printing new lines.")
+    ] = False,
+    lines: Annotated[int, typer.Option("--lines", "-n", help="How many lines to show.")] = 50,
+) -> None:
+    """Show a component's log (``edgeloop`` for the agent's own)."""
+    from edgeloop.edge.logs import follow as follow_log
+    from edgeloop.edge.logs import tail_lines
+    from edgeloop.edge.settings import Layout
+
+    layout = Layout(root)
+    path = layout.logs / "edgeloop.log" if name == "edgeloop" else layout.component_log(name)
+    if not path.exists():
+        have = sorted(p.stem for p in layout.logs.glob("*.log")) if layout.logs.exists() else []
+        raise AgentError(
+            f"no log for {name!r} under {layout.logs} (logs: {', '.join(have) or 'none'})"
+        )
+    for line in tail_lines(path, lines):
+        typer.echo(line)
+    if follow:
+
+        async def _follow() -> None:
+            async for line in follow_log(path):
+                typer.echo(line)
+
+        try:
+            asyncio.run(_follow())
+        except KeyboardInterrupt:
+            pass
+
+
+def _ago(ts: float | None) -> str:
+    if not ts:
+        return "-"
+    seconds = max(0.0, time.time() - ts)
+    if seconds < 90:
+        return f"{seconds:.0f}s ago"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f}m ago"
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M UTC")

@@ -1,0 +1,273 @@
+"""The hub's agent: one asyncio process that supervises components and applies deployments.
+
+Run it with ``edgeloop device run`` (which execs ``python -m edgeloop.edge.agent`` so the
+agent carries none of the CLI's imports: its resident memory is a benchmark target).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import logging.handlers
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from edgeloop import __version__
+from edgeloop.core.config import parse_update_config_document
+from edgeloop.core.errors import AgentError, ComponentError, EdgeloopError, ValidationError
+from edgeloop.edge.artifacts import ArtifactStore
+from edgeloop.edge.control import ControlClient, ControlServer, check_socket_path
+from edgeloop.edge.deployments import DeploymentRequest, Deployments, specs_for
+from edgeloop.edge.process import ProcessGroups
+from edgeloop.edge.recipes import RecipeStore
+from edgeloop.edge.settings import AgentSettings
+from edgeloop.edge.store import HubStore
+
+log = logging.getLogger("edgeloop.agent")
+
+
+class Agent:
+    """Everything one hub runs, wired together."""
+
+    def __init__(self, settings: AgentSettings) -> None:
+        self.settings = settings
+        layout = settings.layout
+        for folder in (layout.root, layout.logs, layout.packages, layout.work):
+            folder.mkdir(parents=True, exist_ok=True)
+        self.store = HubStore(layout.root)
+        self.recipes = RecipeStore(layout.recipes)
+        self.artifacts = ArtifactStore(layout.packages)
+        self.groups = ProcessGroups(self.store.state_dir / "process-groups.json")
+        self.hub = self.store.load_hub()
+        from edgeloop.edge.supervisor import Supervisor
+
+        self.supervisor = Supervisor(
+            settings,
+            self.store,
+            self.artifacts,
+            self.groups,
+            lambda name: self.hub.configuration.get(name, {}),
+        )
+        self.deployments = Deployments(
+            settings, self.store, self.recipes, self.artifacts, self.supervisor, self.hub
+        )
+        self.started_at = time.time()
+        self._stop = asyncio.Event()
+        self.control = ControlServer(
+            layout.control_socket,
+            {
+                "status": self._op_status,
+                "components": self._op_components,
+                "deploy": self._op_deploy,
+                "deployment": self._op_deployment,
+                "deployments": self._op_deployments,
+                "restart": self._op_restart,
+                "stop": self._op_stop,
+                "start": self._op_start,
+                "shutdown": self._op_shutdown,
+            },
+        )
+
+    async def run(self) -> None:
+        """Run until SIGTERM/SIGINT or a shutdown request, then stop every component."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stop.set)
+        for line in self.groups.reap_leftovers():
+            log.warning("ended a process left by a previous agent: %s", line)
+        interrupted = self.deployments.recover_interrupted()
+        if interrupted:
+            log.warning("deployment %s was interrupted; back on the last good state", interrupted)
+        await self.control.start()
+        self.settings.layout.pid_file.write_text(f"{os.getpid()}\n")
+        try:
+            await self.supervisor.apply(specs_for(self.hub, self.recipes))
+            log.info(
+                "edgeloop agent %s running for %s at %s with %d component(s)",
+                __version__,
+                self.settings.thing_name,
+                self.settings.root,
+                len(self.supervisor.runners),
+            )
+            async with asyncio.TaskGroup() as tasks:
+                worker = tasks.create_task(self.deployments.run(), name="deployments")
+                await self._stop.wait()
+                worker.cancel()
+        finally:
+            log.info("stopping components")
+            await self.supervisor.stop_all()
+            await self.control.close()
+            self.settings.layout.pid_file.unlink(missing_ok=True)
+            log.info("agent stopped")
+
+    # -- control operations -----------------------------------------------------------
+    async def _op_status(self, _: dict[str, Any]) -> dict[str, Any]:
+        counts: dict[str, int] = {}
+        for runner in self.supervisor.runners.values():
+            counts[runner.state.value] = counts.get(runner.state.value, 0) + 1
+        return {
+            "version": __version__,
+            "pid": os.getpid(),
+            "root": str(self.settings.root),
+            "thingName": self.settings.thing_name,
+            "startedAt": self.started_at,
+            "deploymentId": self.hub.deployment_id,
+            "roots": self.hub.roots,
+            "components": counts,
+        }
+
+    async def _op_components(self, _: dict[str, Any]) -> list[dict[str, Any]]:
+        statuses = self.supervisor.statuses()
+        for status in statuses:
+            status["root"] = status["name"] in self.hub.roots
+            status["configuration"] = self.hub.configuration.get(status["name"], {})
+        return statuses
+
+    async def _op_deploy(self, req: dict[str, Any]) -> dict[str, Any]:
+        return self.deployments.submit(request_from_json(req))
+
+    async def _op_deployment(self, req: dict[str, Any]) -> dict[str, Any]:
+        record = self.deployments.get(str(req.get("id")))
+        if record is None:
+            raise ValidationError(f"no deployment with id {req.get('id')!r}", field="id")
+        return record
+
+    async def _op_deployments(self, _: dict[str, Any]) -> list[dict[str, Any]]:
+        return list(reversed(self.deployments.records))
+
+    def _runner(self, req: dict[str, Any]) -> Any:
+        name = req.get("name")
+        runner = self.supervisor.runners.get(str(name))
+        if runner is None:
+            known = ", ".join(sorted(self.supervisor.runners)) or "none"
+            raise ComponentError(f"no component {name!r} on this hub (components: {known})")
+        return runner
+
+    async def _op_restart(self, req: dict[str, Any]) -> dict[str, Any]:
+        runner = self._runner(req)
+        await runner.restart()
+        for dependent in self.supervisor.dependents(runner.name, hard_only=True):
+            await self.supervisor.runners[dependent].restart()
+        return dict(runner.status())
+
+    async def _op_stop(self, req: dict[str, Any]) -> dict[str, Any]:
+        runner = self._runner(req)
+        await runner.stop()
+        return dict(runner.status())
+
+    async def _op_start(self, req: dict[str, Any]) -> dict[str, Any]:
+        runner = self._runner(req)
+        runner.start()
+        return dict(runner.status())
+
+    async def _op_shutdown(self, _: dict[str, Any]) -> str:
+        self._stop.set()
+        return "stopping"
+
+
+def request_from_json(req: dict[str, Any]) -> DeploymentRequest:
+    """A deployment request from its control-channel form, validated field by field."""
+    merge = req.get("merge") or {}
+    if not isinstance(merge, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in merge.items()
+    ):
+        raise ValidationError("must map component names to versions", field="merge")
+    remove = req.get("remove") or []
+    if not isinstance(remove, list) or not all(isinstance(n, str) for n in remove):
+        raise ValidationError("must be a list of component names", field="remove")
+    update = req.get("updateConfig")
+    updates = parse_update_config_document(update, source="--update-config") if update else {}
+    paths: dict[str, Path | None] = {}
+    for key in ("recipeDir", "artifactDir"):
+        value = req.get(key)
+        if value is not None:
+            path = Path(value)
+            if not path.is_dir():
+                raise ValidationError(f"{value} is not a folder", field=key)
+            paths[key] = path
+        else:
+            paths[key] = None
+    if not merge and not remove and not updates:
+        raise ValidationError("nothing to deploy: give --merge, --remove or --update-config")
+    return DeploymentRequest(
+        recipe_dir=paths["recipeDir"],
+        artifact_dir=paths["artifactDir"],
+        merge=merge,
+        remove=tuple(remove),
+        update_config=updates,
+        failure_handling=str(req.get("failureHandling") or "ROLLBACK"),
+        health_window=_optional_float(req, "healthWindow"),
+        timeout=_optional_float(req, "timeout"),
+    )
+
+
+def _optional_float(req: dict[str, Any], key: str) -> float | None:
+    value = req.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+        raise ValidationError("must be a non-negative number of seconds", field=key)
+    return float(value)
+
+
+def _configure_logging(settings: AgentSettings) -> None:
+    settings.layout.logs.mkdir(parents=True, exist_ok=True)
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    file_handler = logging.handlers.RotatingFileHandler(
+        settings.layout.logs / "edgeloop.log",
+        maxBytes=settings.log_max_bytes,
+        backupCount=settings.log_backups,
+    )
+    file_handler.setFormatter(fmt)
+    console = logging.StreamHandler(sys.stderr)
+    console.setFormatter(fmt)
+    root = logging.getLogger("edgeloop")
+    root.setLevel(logging.INFO)
+    root.handlers[:] = [file_handler, console]
+
+
+def _refuse_second_agent(settings: AgentSettings) -> None:
+    if not settings.layout.control_socket.exists():
+        return
+    with contextlib.suppress(AgentError), ControlClient(settings.root, timeout=2.0) as client:
+        status = client.call("status")
+        raise AgentError(
+            f"an agent (pid {status.get('pid')}) already runs the hub at {settings.root}"
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``python -m edgeloop.edge.agent``."""
+    parser = argparse.ArgumentParser(prog="edgeloop-agent", description=__doc__)
+    parser.add_argument("--root", type=Path, required=True)
+    parser.add_argument("--thing-name")
+    parser.add_argument("--health-window", type=float)
+    args = parser.parse_args(argv)
+    try:
+        settings = AgentSettings.load(
+            args.root.resolve(), thing_name=args.thing_name, health_window=args.health_window
+        )
+        check_socket_path(settings.layout.control_socket)
+        _refuse_second_agent(settings)
+        _configure_logging(settings)
+        agent = Agent(settings)
+        asyncio.run(agent.run())
+    except EdgeloopError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+__all__ = ["Agent", "main", "request_from_json"]
