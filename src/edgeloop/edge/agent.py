@@ -79,6 +79,7 @@ class Agent:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
+        loop.add_signal_handler(signal.SIGUSR1, _dump_tasks)
         for line in self.groups.reap_leftovers():
             log.warning("ended a process left by a previous agent: %s", line)
         interrupted = self.deployments.recover_interrupted()
@@ -264,6 +265,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     return 0
+
+
+def _dump_tasks() -> None:
+    """On SIGUSR1, print every asyncio task's stack to stderr, to diagnose a stuck hub."""
+    for task in asyncio.all_tasks():
+        task.print_stack(file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -99,7 +99,7 @@ class Deployments:
         self.artifacts = artifacts
         self.supervisor = supervisor
         self.hub = hub  # the live state; runners read configuration from it
-        self.records = store.load_deployments()
+        self.records: list[dict[str, Any]] = store.load_deployments()
         self._queue: asyncio.Queue[tuple[str, DeploymentRequest]] = asyncio.Queue()
 
     # -- queue ------------------------------------------------------------------------
@@ -111,7 +111,7 @@ class Deployments:
             )
         deployment_id = str(uuid.uuid4())
         now = time.time()
-        record = {
+        record: dict[str, Any] = {
             "deploymentId": deployment_id,
             "status": "QUEUED",
             "detailedStatus": None,
@@ -128,10 +128,10 @@ class Deployments:
 
     def get(self, deployment_id: str) -> dict[str, Any] | None:
         """One deployment's record."""
-        for record in reversed(self.records):
-            if record["deploymentId"] == deployment_id:
-                return record
-        return None
+        found: dict[str, Any] | None = next(
+            (rec for rec in reversed(self.records) if rec["deploymentId"] == deployment_id), None
+        )
+        return found
 
     def _update(self, deployment_id: str, **changes: Any) -> None:
         record = self.get(deployment_id)
@@ -482,10 +482,10 @@ def _spec(recipe: Recipe, os_name: str, arch: str) -> ComponentSpec:
 def _uses_configuration(spec: ComponentSpec) -> bool:
     # Scripts that interpolate configuration must restart to see a new value; others
     # read configuration over IPC and are told of changes there.
-    texts = [spec.lifecycle.setenv.values()]
+    texts = list(spec.lifecycle.setenv.values())
     for step in spec.lifecycle.steps.values():
-        texts.append([step.script, *step.setenv.values()])
-    return any(":configuration:" in t or "{configuration:" in t for group in texts for t in group)
+        texts += [step.script, *step.setenv.values()]
+    return any(":configuration:" in text for text in texts)
 
 
 def _versions_of(known: Mapping[tuple[str, str], Recipe], name: str) -> str:

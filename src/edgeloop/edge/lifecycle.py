@@ -111,8 +111,9 @@ class RestartPolicy:
 
     def delay(self, attempt: int, rng: random.Random) -> float:
         """Backoff before restart number ``attempt`` (1-based)."""
-        raw = min(self.max_delay, self.base_delay * 2 ** max(0, attempt - 1))
-        return max(0.0, raw * rng.uniform(1 - self.jitter, 1 + self.jitter))
+        raw = min(self.max_delay, self.base_delay * 2.0 ** max(0, attempt - 1))
+        factor: float = rng.uniform(1 - self.jitter, 1 + self.jitter)
+        return max(0.0, raw * factor)
 
 
 @dataclass

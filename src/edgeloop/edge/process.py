@@ -149,8 +149,11 @@ class StepProcess:
 
     async def wait(self, timeout: float | None = None) -> StepOutcome:
         """Wait for the script to end; on timeout, kill its group and say so."""
+        # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a cancellation
+        # that races with the process exiting, and stop() relies on cancellation.
         try:
-            code = await asyncio.wait_for(self._proc.wait(), timeout)
+            async with asyncio.timeout(timeout):
+                code = await self._proc.wait()
         except TimeoutError:
             await self.terminate(grace=2.0)
             return StepOutcome(self.step, timed_out=True)
@@ -169,15 +172,29 @@ class StepProcess:
         """SIGTERM the whole group, then SIGKILL whatever is left after ``grace`` seconds."""
         pgid = self._proc.pid
         _signal_group(pgid, signal.SIGTERM)
-        try:
-            await asyncio.wait_for(self._proc.wait(), grace)
-        except TimeoutError:
-            pass
-        # The leader may be gone while its children linger in the group.
+        # Wait for the whole group, not just its leader: a Startup script's daemon outlives
+        # the script, and children may linger after the leader exits.
+        deadline = time.monotonic() + grace
+        while _group_alive(pgid) and time.monotonic() < deadline:  # noqa: ASYNC110 (polling the kernel)
+            await asyncio.sleep(0.02)
         _signal_group(pgid, signal.SIGKILL)
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._proc.wait(), 5.0)
+            async with asyncio.timeout(5.0):
+                await self._proc.wait()
         await self._finish()
+
+
+def _group_alive(pgid: int) -> bool:
+    # Reap the leader first, or its zombie would keep the group "alive".
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pgid, os.WNOHANG)
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _signal_group(pgid: int, sig: int) -> None:

@@ -10,7 +10,6 @@ script, SIGTERM and SIGKILL on the component's process group.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import random
@@ -138,10 +137,11 @@ class ComponentRunner:
     async def stop(self) -> None:
         """Stop the component: Shutdown script, then SIGTERM, then SIGKILL its group."""
         task, self._task = self._task, None
-        if task is not None and not task.done():
+        while task is not None and not task.done():
+            # Cancel until it ends: a cancellation that races with a completing await can
+            # be absorbed on Python 3.11, and a component must never outlive its stop.
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await asyncio.wait({task}, timeout=0.5)
         was_started = self._proc is not None
         self._set(Event.STOP)
         if was_started and StepName.SHUTDOWN in self.spec.lifecycle.steps:
@@ -194,15 +194,15 @@ class ComponentRunner:
             # processes stay in the process group that stop() signals.
             await asyncio.Event().wait()
         if StepName.RUN in steps:
-            step = steps[StepName.RUN]
-            if should_skip(step.skipif):
+            run = steps[StepName.RUN]
+            if should_skip(run.skipif):
                 self._set(Event.EXITED_OK)
                 return StepOutcome(StepName.RUN.value, skipped=True)
             proc = await self._spawn(StepName.RUN)
             if isinstance(proc, StepOutcome):
                 return proc
             self._set(Event.RUN)
-            outcome = await proc.wait(step.timeout)
+            outcome = await proc.wait(run.timeout)
             if outcome.ok:
                 self._set(Event.EXITED_OK)
             return outcome
@@ -454,7 +454,8 @@ class Supervisor:
                 await self.changed.wait_for(predicate)
 
         try:
-            await asyncio.wait_for(_wait(), timeout)
+            async with asyncio.timeout(timeout):
+                await _wait()
         except TimeoutError:
             return False
         return True
