@@ -95,9 +95,9 @@ def components(root: RootOption, as_json: JsonOption = False) -> None:
 def components_table(rows: list[dict[str, Any]]) -> Table:
     """The components as a rich table."""
     table = Table(title="components")
-    table.add_column("name", no_wrap=True)
-    for column in ("version", "state", "pid", "restarts", "since", "last error / note"):
-        table.add_column(column)
+    for column in ("name", "version", "state", "pid", "restarts", "since"):
+        table.add_column(column, no_wrap=True)
+    table.add_column("last error / note", min_width=12)
     for row in rows:
         style = STATE_STYLE.get(row["state"], "")
         error = row.get("lastError")

@@ -23,6 +23,23 @@ def version() -> None:
     typer.echo(__version__)
 
 
+@app.command()
+def demo(
+    seconds: float = typer.Option(20.0, help="How long to show the hub."),
+    keep: bool = typer.Option(False, help="Leave the hub running afterwards."),
+) -> None:
+    """Run a hub with example components and show their states live."""
+    from rich.console import Console
+
+    from edgeloop.demo import run
+
+    raise typer.Exit(run(seconds, keep, Console()))
+
+
 def main() -> None:
     """Console-script entry point."""
     app()
+
+
+if __name__ == "__main__":
+    main()
