@@ -348,3 +348,51 @@ def _pgid(pid: int) -> int | None:
         return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[2])
     except (OSError, IndexError, ValueError):
         return None
+
+
+def test_configuration_merge_and_reset_across_deployments(hub: Hub) -> None:
+    hub.component(
+        "com.example.Cfg",
+        lifecycle={"Run": LOOP},
+        config={"interval": 5, "sensors": {"temp": True, "hum": False}, "name": "x"},
+    )
+    update = {"MERGE": {"interval": 1, "sensors": {"hum": True}, "extra": [1, 2]}}
+    record = hub.deploy(
+        merge={"com.example.Cfg": "1.0.0"}, updateConfig={"com.example.Cfg": update}
+    )
+    assert record["status"] == "SUCCEEDED"
+    assert hub.components()["com.example.Cfg"]["configuration"] == {
+        "interval": 1,
+        "sensors": {"temp": True, "hum": True},
+        "name": "x",
+        "extra": [1, 2],
+    }
+    pid = hub.components()["com.example.Cfg"]["pid"]
+    reset = {"RESET": ["/interval", "/extra"], "MERGE": {"name": "y"}}
+    assert hub.deploy(updateConfig={"com.example.Cfg": reset})["status"] == "SUCCEEDED"
+    comps = hub.components()
+    assert comps["com.example.Cfg"]["configuration"] == {
+        "interval": 5,
+        "sensors": {"temp": True, "hum": True},
+        "name": "y",
+    }
+    # Its scripts do not interpolate configuration, so it was not restarted for it.
+    assert comps["com.example.Cfg"]["pid"] == pid
+
+
+def test_a_deployment_leaves_unrelated_components_running(hub: Hub) -> None:
+    hub.component("com.example.A", lifecycle={"Run": LOOP})
+    hub.component("com.example.B", lifecycle={"Run": LOOP})
+    assert hub.deploy(merge={"com.example.A": "1.0.0"})["status"] == "SUCCEEDED"
+    pid = hub.components()["com.example.A"]["pid"]
+    assert hub.deploy(merge={"com.example.B": "1.0.0"})["status"] == "SUCCEEDED"
+    comps = hub.components()
+    assert comps["com.example.A"]["pid"] == pid
+    assert comps["com.example.B"]["state"] == "RUNNING"
+
+
+def test_bootstrap_restart_request_is_recorded_not_obeyed(hub: Hub) -> None:
+    hub.component("com.example.Boot", lifecycle={"Bootstrap": "exit 100", "Run": LOOP})
+    record = hub.deploy(merge={"com.example.Boot": "1.0.0"})
+    assert record["status"] == "SUCCEEDED", record["failureCause"]
+    assert "restart of the runtime" in hub.log("com.example.Boot")

@@ -38,6 +38,10 @@ from edgeloop.edge.store import HubStore
 log = logging.getLogger("edgeloop.supervisor")
 
 LOG_TAIL_LINES = 10
+BOOTSTRAP_RESTART_CODES = {
+    100: "bootstrap asked for a restart of the runtime; restart the agent when convenient",
+    101: "bootstrap asked for a reboot of the host; edgeloop never reboots it by itself",
+}
 
 
 @dataclass(frozen=True)
@@ -176,6 +180,14 @@ class ComponentRunner:
         for step in (StepName.BOOTSTRAP, StepName.INSTALL):
             if step in steps and not store.step_done(self.name, self.spec.version, step.value):
                 outcome = await self._run_step(step)
+                if step is StepName.BOOTSTRAP and outcome.exit_code in BOOTSTRAP_RESTART_CODES:
+                    # Greengrass restarts itself (100) or the host (101) here. A hub agent
+                    # that reboots its host is not what a user of a shared machine wants:
+                    # the request is recorded where the owner sees it, and the work goes on.
+                    self.note = BOOTSTRAP_RESTART_CODES[outcome.exit_code]
+                    log.warning("%s: %s", self.name, self.note)
+                    self.log.write_line("edgeloop", self.note)
+                    outcome = StepOutcome(step.value, exit_code=0)
                 if not outcome.ok:
                     return outcome
                 store.mark_step_done(self.name, self.spec.version, step.value)
@@ -480,9 +492,10 @@ class Supervisor:
         to_stop = [
             name
             for name, runner in self.runners.items()
+            # Versions are immutable, so the same version is the same recipe (whichever
+            # file it was read from): only a version change or a request restarts.
             if name not in specs
-            or specs[name].recipe.version != runner.spec.recipe.version
-            or specs[name] != runner.spec
+            or str(specs[name].recipe.version) != runner.spec.version
             or name in restart_set
         ]
         await self.stop(to_stop)
