@@ -8,7 +8,8 @@
     ├── ResolutionError            component versions cannot be resolved (names the clash)
     ├── DeploymentError            a deployment could not be applied
     ├── ComponentError             a component is unknown or in the wrong state
-    └── AgentError                 the hub's agent is unreachable or answered with an error
+    ├── AgentError                 the hub's agent is unreachable or answered with an error
+    └── ShadowError                a device shadow request was rejected (AWS code + message)
 
 Foreign errors are translated once, at the boundary: ``raise RecipeError(...) from err``.
 """
@@ -60,3 +61,27 @@ class ComponentError(EdgeloopError):
 
 class AgentError(EdgeloopError):
     """The hub's agent is unreachable, or answered a request with an error."""
+
+
+class ShadowError(EdgeloopError):
+    """A device shadow request was rejected, with AWS IoT's HTTP-style code and message.
+
+    ``to_document`` renders the error document AWS publishes on ``.../rejected`` topics.
+    """
+
+    def __init__(self, code: int, message: str, *, client_token: str | None = None):
+        self.code = code
+        self.message = message
+        self.client_token = client_token
+        super().__init__(f"{code}: {message}")
+
+    def to_document(self, timestamp: int) -> dict[str, object]:
+        """AWS's error response document: code, message, timestamp and any clientToken."""
+        document: dict[str, object] = {
+            "code": self.code,
+            "message": self.message,
+            "timestamp": timestamp,
+        }
+        if self.client_token is not None:
+            document["clientToken"] = self.client_token
+        return document
