@@ -1,0 +1,15 @@
+"""edgeloop's benchmarks: ``python -m benchmarks [SUITE ...]`` prints one table per run.
+
+Each suite is a module with a ``run(out: SuiteResult)`` function that adds its rows and
+notes to ``out``; ``SUITES`` names them.
+Baselines are measured in the same run as what they are compared with, on the same machine.
+"""
+
+from __future__ import annotations
+
+SUITES: dict[str, str] = {
+    # suite name -> module, imported only when the suite runs
+    "edge": "benchmarks.edge_runtime",
+}
+
+__all__ = ["SUITES"]
