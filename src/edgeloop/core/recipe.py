@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import json
 import math
 import platform as _platform
@@ -30,8 +31,6 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, NoReturn, cast
-
-import yaml
 
 from edgeloop.core.errors import RecipeError
 from edgeloop.core.semver import Range, Version
@@ -281,17 +280,26 @@ def current_platform(*, system: str | None = None, machine: str | None = None) -
 # --- reading documents ----------------------------------------------------------------
 
 
-class _RecipeYamlLoader(yaml.SafeLoader):
-    """SafeLoader without timestamps: Greengrass's YAML reader keeps dates as strings."""
+@functools.cache
+def _yaml_loader() -> type[Any]:
+    """SafeLoader without timestamps: Greengrass's YAML reader keeps dates as strings.
+
+    Built on first use: the agent reads its stored recipes as JSON, and importing PyYAML
+    costs its start time and resident memory (both are benchmark targets).
+    """
+    import yaml
+
+    class RecipeYamlLoader(yaml.SafeLoader):
+        pass
+
+    RecipeYamlLoader.yaml_implicit_resolvers = {
+        first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:timestamp"]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+    }
+    return RecipeYamlLoader
 
 
-_RecipeYamlLoader.yaml_implicit_resolvers = {
-    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:timestamp"]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
-
-
-def _at(mark: yaml.Mark | None) -> str:
+def _at(mark: Any) -> str:
     return f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
 
 
@@ -314,8 +322,10 @@ def _load_document(data: str | bytes, *, source: str, fmt: Literal["json", "yaml
             raise RecipeError(
                 f"invalid JSON at line {err.lineno}, column {err.colno}: {err.msg}", source=source
             ) from err
+    import yaml
+
     try:
-        return yaml.load(text, Loader=_RecipeYamlLoader)
+        return yaml.load(text, Loader=_yaml_loader())
     except yaml.MarkedYAMLError as err:
         reason = f"invalid YAML{_at(err.problem_mark)}: {err.problem or 'syntax error'}"
         if err.context:

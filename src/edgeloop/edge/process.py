@@ -185,16 +185,34 @@ class StepProcess:
 
 
 def _group_alive(pgid: int) -> bool:
-    # Reap the leader first, or its zombie would keep the group "alive".
-    with contextlib.suppress(ChildProcessError):
-        os.waitpid(pgid, os.WNOHANG)
+    """True while a live (non-zombie) process is in the group.
+
+    ``killpg(pgid, 0)`` also succeeds for zombies, and an orphaned grandchild stays a
+    zombie until init reaps it (seconds on some hosts, never in a container without an
+    init): waiting for those would stall every stop for nothing.
+    """
     try:
         os.killpg(pgid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return True
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as fh:
+                raw = fh.read()
+        except OSError:
+            continue
+        fields = raw[raw.rfind(b")") + 2 :].split()
+        if len(fields) > 2 and fields[2] == str(pgid).encode() and fields[0] != b"Z":
+            return True
+    return False
 
 
 def _signal_group(pgid: int, sig: int) -> None:

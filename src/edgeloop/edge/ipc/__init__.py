@@ -1,0 +1,1 @@
+"""The hub's Greengrass-compatible IPC: eventstream RPC over a Unix socket."""

@@ -1,0 +1,376 @@
+"""The Greengrass IPC server: eventstream RPC over the hub's Unix socket.
+
+One ``Connection`` per client: it checks the CONNECT handshake's token (the SVCUID the
+agent gave the component), then reads requests, one stream each, and hands them to the
+operation registered under the ``operation`` header. Request/response operations answer
+once and end the stream; streaming operations answer once and then send events until
+either side ends the stream. A frame that cannot be decoded closes only its own
+connection; a handler's failure becomes a ``ServiceError`` on its own stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edgeloop.core.eventstream import Decoder, FrameError, Int32, Message, encode
+from edgeloop.core.eventstream_rpc import (
+    MESSAGE_FLAGS,
+    MESSAGE_TYPE,
+    STREAM_ID,
+    MessageFlag,
+    MessageType,
+    ProtocolError,
+    RpcMessage,
+    application_error,
+    application_message,
+    connect_ack,
+    json_body,
+    parse,
+    parse_connect,
+    ping_response,
+    protocol_error,
+)
+
+log = logging.getLogger("edgeloop.ipc")
+
+PREFIX = "aws.greengrass#"
+READ_CHUNK = 256 * 1024
+
+
+class IpcError(Exception):
+    """An error the client receives as a modelled Greengrass error on its stream."""
+
+    model = "ServiceError"
+
+    def __init__(self, message: str, **fields: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.fields = fields
+
+
+class ServiceError(IpcError):
+    """The runtime could not do what was asked (retryable on the client's side)."""
+
+    model = "ServiceError"
+
+
+class UnauthorizedError(IpcError):
+    """The component's accessControl policies do not allow the call."""
+
+    model = "UnauthorizedError"
+
+
+class ResourceNotFoundError(IpcError):
+    """The named resource (component, shadow, deployment, key) does not exist."""
+
+    model = "ResourceNotFoundError"
+
+
+class InvalidArgumentsError(IpcError):
+    """The request is malformed or its values are out of range."""
+
+    model = "InvalidArgumentsError"
+
+
+class ConflictError(IpcError):
+    """The request conflicts with the current state (e.g. a stale shadow version)."""
+
+    model = "ConflictError"
+
+
+class ComponentNotFoundError(IpcError):
+    """The named component is not on this hub."""
+
+    model = "ComponentNotFoundError"
+
+
+class FailedUpdateConditionCheckError(IpcError):
+    """An update lost to a newer one (UpdateConfiguration's timestamp check)."""
+
+    model = "FailedUpdateConditionCheckError"
+
+
+@dataclass(eq=False)
+class Stream:
+    """One RPC stream: a request, its response, and for subscriptions, events."""
+
+    stream_id: int
+    connection: Connection
+    operation: str
+    closed: bool = False
+    _on_close: list[Callable[[], Awaitable[None] | None]] = field(default_factory=list)
+
+    @property
+    def component(self) -> str:
+        """The component on the other end."""
+        return self.connection.component
+
+    def on_close(self, callback: Callable[[], Awaitable[None] | None]) -> None:
+        """Run ``callback`` when the stream ends, from either side or by disconnection."""
+        self._on_close.append(callback)
+
+    async def send_event(self, model: str, body: dict[str, Any]) -> None:
+        """Send one stream event (after the response)."""
+        if self.closed:
+            raise ConnectionError("stream closed")
+        await self.connection.send(
+            application_message(self.stream_id, PREFIX + model, json_body(body))
+        )
+
+    async def close(self) -> None:
+        """End the stream from the server's side."""
+        if self.closed:
+            return
+        with contextlib.suppress(ConnectionError, OSError):
+            await self.connection.send(_terminate(self.stream_id))
+        await self._closed()
+
+    async def _closed(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.connection.streams.pop(self.stream_id, None)
+        for callback in self._on_close:
+            try:
+                result = callback()
+                if result is not None:
+                    await result
+            except Exception:
+                log.exception("stream close callback failed")
+
+
+def _terminate(stream_id: int) -> Message:
+    # An empty message that only ends the stream: no model type, as the SDK's own close.
+    return Message(
+        {
+            MESSAGE_TYPE: Int32(int(MessageType.APPLICATION_MESSAGE)),
+            MESSAGE_FLAGS: Int32(int(MessageFlag.TERMINATE_STREAM)),
+            STREAM_ID: Int32(stream_id),
+        }
+    )
+
+
+Handler = Callable[[Stream, dict[str, Any]], Awaitable[dict[str, Any]]]
+
+
+@dataclass(frozen=True)
+class Operation:
+    """How to serve one IPC operation."""
+
+    name: str  # e.g. "PublishToTopic"
+    handler: Handler
+    streaming: bool = False
+    inline: bool = False  # fast and never blocks: served on the reader task itself
+
+    @property
+    def response_model(self) -> str:
+        """The response shape's model name."""
+        return f"{PREFIX}{self.name}Response"
+
+
+class Connection:
+    """One client of the IPC socket."""
+
+    def __init__(
+        self,
+        server: IpcServer,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+    ) -> None:
+        self.server = server
+        self.reader = reader
+        self.writer = writer
+        self.component = ""
+        self.streams: dict[int, Stream] = {}
+        self._last_stream_id = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def send(self, message: Message) -> None:
+        """Write one frame and wait while the client's buffer is full."""
+        if self.writer.is_closing():
+            raise ConnectionError("connection closed")
+        self.writer.write(encode(message))
+        await self.writer.drain()
+
+    async def serve(self) -> None:
+        """Handshake, then serve requests until the client goes away."""
+        decoder = Decoder(max_message_size=self.server.max_message_size)
+        try:
+            connected = False
+            while True:
+                data = await self.reader.read(READ_CHUNK)
+                if not data:
+                    return
+                for message in decoder.feed(data):
+                    rpc = parse(message)
+                    if not connected:
+                        connected = await self._handshake(rpc)
+                        if not connected:
+                            return
+                        continue
+                    await self._on_message(rpc)
+        except FrameError as err:
+            log.warning("IPC %s: closing the connection: %s", self.component or "client", err)
+        except ProtocolError as err:
+            log.warning("IPC %s: protocol error: %s", self.component or "client", err)
+            with contextlib.suppress(ConnectionError, OSError):
+                await self.send(protocol_error(str(err)))
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            await self._teardown()
+
+    async def _handshake(self, rpc: RpcMessage) -> bool:
+        if rpc.message_type is not MessageType.CONNECT:
+            raise ProtocolError(f"expected CONNECT first, got {rpc.message_type.name}")
+        request = parse_connect(rpc)
+        component = self.server.authenticate(request.auth_token or "")
+        if component is None:
+            log.warning("IPC: refused a connection with an unknown or missing auth token")
+            await self.send(connect_ack(accepted=False))
+            return False
+        self.component = component
+        await self.send(connect_ack(accepted=True))
+        log.debug("IPC: %s connected", component)
+        return True
+
+    async def _on_message(self, rpc: RpcMessage) -> None:
+        kind = rpc.message_type
+        if kind is MessageType.PING:
+            await self.send(ping_response(rpc.payload))
+            return
+        if kind is MessageType.CONNECT:
+            raise ProtocolError("a second CONNECT on an open connection")
+        if kind not in (MessageType.APPLICATION_MESSAGE, MessageType.APPLICATION_ERROR):
+            return  # PING_RESPONSE and the like need nothing from us
+        stream = self.streams.get(rpc.stream_id)
+        if stream is not None:
+            if rpc.terminates_stream:
+                await stream._closed()
+            return  # clients send nothing else on an open stream
+        if rpc.stream_id <= self._last_stream_id:
+            if rpc.terminates_stream:
+                return  # a late close of a stream we already ended
+            raise ProtocolError(f"stream {rpc.stream_id} is not open")
+        self._last_stream_id = rpc.stream_id
+        if rpc.terminates_stream and not rpc.operation:
+            return
+        name = (rpc.operation or "").removeprefix(PREFIX)
+        operation = self.server.operations.get(name)
+        stream = Stream(rpc.stream_id, self, name)
+        if operation is None:
+            await self._error(stream, ServiceError(f"operation {rpc.operation!r} is not supported"))
+            return
+        if operation.streaming:
+            self.streams[rpc.stream_id] = stream
+        body = rpc.json()
+        if not isinstance(body, dict):
+            await self._error(stream, InvalidArgumentsError("the request must be a JSON object"))
+            return
+        if operation.inline:
+            await self._serve(operation, stream, body)
+        else:
+            task = asyncio.create_task(self._serve(operation, stream, body), name=f"ipc:{name}")
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _serve(self, operation: Operation, stream: Stream, body: dict[str, Any]) -> None:
+        try:
+            response = await operation.handler(stream, body)
+        except IpcError as err:
+            await self._error(stream, err)
+            return
+        except (ConnectionError, OSError):
+            return
+        except Exception as err:
+            log.exception("IPC %s from %s failed", operation.name, self.component)
+            await self._error(stream, ServiceError(f"{operation.name} failed: {err}"))
+            return
+        if stream.closed:
+            return
+        with contextlib.suppress(ConnectionError, OSError):
+            await self.send(
+                application_message(
+                    stream.stream_id,
+                    operation.response_model,
+                    json_body(response),
+                    terminate=not operation.streaming,
+                )
+            )
+        if not operation.streaming:
+            stream.closed = True
+
+    async def _error(self, stream: Stream, err: IpcError) -> None:
+        with contextlib.suppress(ConnectionError, OSError):
+            await self.send(
+                application_error(stream.stream_id, PREFIX + err.model, err.message, **err.fields)
+            )
+        await stream._closed()
+
+    async def _teardown(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        for stream in list(self.streams.values()):
+            await stream._closed()
+        self.writer.close()
+        with contextlib.suppress(Exception):
+            await self.writer.wait_closed()
+        if self.component:
+            log.debug("IPC: %s disconnected", self.component)
+
+
+class IpcServer:
+    """Listens on the hub's IPC socket and serves registered operations."""
+
+    def __init__(
+        self,
+        path: Path,
+        authenticate: Callable[[str], str | None],
+        *,
+        max_message_size: int = 16 * 1024 * 1024,
+    ) -> None:
+        self.path = path
+        self.authenticate = authenticate
+        self.max_message_size = max_message_size
+        self.operations: dict[str, Operation] = {}
+        self.connections: set[Connection] = set()
+        self._server: asyncio.Server | None = None
+
+    def register(self, *operations: Operation) -> None:
+        """Serve these operations."""
+        for operation in operations:
+            self.operations[operation.name] = operation
+
+    async def start(self) -> None:
+        """Listen. The socket is open to the hub's user only: components run as that user."""
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+        old_umask = os.umask(0o077)
+        try:
+            self._server = await asyncio.start_unix_server(self._client, path=str(self.path))
+        finally:
+            os.umask(old_umask)
+
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connection = Connection(self, reader, writer)
+        self.connections.add(connection)
+        try:
+            await connection.serve()
+        finally:
+            self.connections.discard(connection)
+
+    async def close(self) -> None:
+        """Stop listening and drop every connection."""
+        if self._server is not None:
+            self._server.close()
+        for connection in list(self.connections):
+            connection.writer.close()
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
