@@ -28,6 +28,7 @@ from edgeloop.core.recipe import Recipe, current_platform, load_recipe_dir
 from edgeloop.core.resolver import resolve
 from edgeloop.core.semver import Range, Version
 from edgeloop.edge.artifacts import ArtifactStore, local_fetch
+from edgeloop.edge.ipc.events import ComponentEvents
 from edgeloop.edge.lifecycle import State
 from edgeloop.edge.recipes import RecipeStore
 from edgeloop.edge.settings import BUILTIN_COMPONENTS, AgentSettings
@@ -37,6 +38,7 @@ from edgeloop.edge.supervisor import ComponentSpec, Supervisor
 log = logging.getLogger("edgeloop.deployments")
 
 FAILURE_HANDLING = ("ROLLBACK", "DO_NOTHING")
+UPDATE_POLICIES = ("NOTIFY_COMPONENTS", "SKIP_NOTIFY_COMPONENTS")
 TERMINAL = ("SUCCEEDED", "FAILED", "CANCELED")
 
 
@@ -52,6 +54,9 @@ class DeploymentRequest:
     failure_handling: str = "ROLLBACK"
     health_window: float | None = None
     timeout: float | None = None
+    component_update_policy: str = "NOTIFY_COMPONENTS"
+    notify_timeout: float = 60.0  # how long components may defer the update, in all
+    validation_timeout: float = 30.0  # how long to wait for configuration validity reports
 
     def to_json(self) -> dict[str, Any]:
         """How the request is shown in the deployment's record."""
@@ -67,6 +72,9 @@ class DeploymentRequest:
             "failureHandling": self.failure_handling,
             "healthWindow": self.health_window,
             "timeout": self.timeout,
+            "componentUpdatePolicy": self.component_update_policy,
+            "notifyTimeout": self.notify_timeout,
+            "validationTimeout": self.validation_timeout,
         }
 
 
@@ -92,6 +100,7 @@ class Deployments:
         artifacts: ArtifactStore,
         supervisor: Supervisor,
         hub: HubState,
+        events: ComponentEvents | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
@@ -99,6 +108,7 @@ class Deployments:
         self.artifacts = artifacts
         self.supervisor = supervisor
         self.hub = hub  # the live state; runners read configuration from it
+        self.events = events
         self.records: list[dict[str, Any]] = store.load_deployments()
         self._queue: asyncio.Queue[tuple[str, DeploymentRequest]] = asyncio.Queue()
 
@@ -108,6 +118,10 @@ class Deployments:
         if request.failure_handling not in FAILURE_HANDLING:
             raise ValidationError(
                 f"must be one of {', '.join(FAILURE_HANDLING)}", field="failureHandling"
+            )
+        if request.component_update_policy not in UPDATE_POLICIES:
+            raise ValidationError(
+                f"must be one of {', '.join(UPDATE_POLICIES)}", field="componentUpdatePolicy"
             )
         deployment_id = str(uuid.uuid4())
         now = time.time()
@@ -202,6 +216,16 @@ class Deployments:
             if name in plan.specs and runner.state is State.BROKEN:
                 plan.restart.add(name)  # a deployment retries what is broken
                 plan.touched.add(name)
+        if self.events is not None:
+            refusal = await self._ask_components(deployment_id, plan, request)
+            if refusal:
+                self._update(
+                    deployment_id,
+                    status="FAILED",
+                    detailedStatus="FAILED_NO_STATE_CHANGE",
+                    failureCause=refusal,
+                )
+                return
         previous = self.hub.copy()
         write_json_atomic(
             self.store.inflight_path,
@@ -369,6 +393,43 @@ class Deployments:
                 self.artifacts.remove(name, version)
             raise
 
+    async def _ask_components(
+        self, deployment_id: str, plan: Plan, request: DeploymentRequest
+    ) -> str | None:
+        """Configuration validation, then update notices; returns why it must not go on."""
+        assert self.events is not None
+        proposed = {
+            name: tree
+            for name, tree in plan.state.configuration.items()
+            if name in self.hub.configuration and self.hub.configuration[name] != tree
+        }
+        reports = await self.events.validate(deployment_id, proposed, request.validation_timeout)
+        rejected = [
+            f"{n} rejected its new configuration: {r.message or 'no reason given'}"
+            for n, r in sorted(reports.items())
+            if not r.accepted
+        ]
+        if rejected:
+            return "\n".join(rejected)
+        if request.component_update_policy == "NOTIFY_COMPONENTS":
+            affected = [
+                name
+                for name, version in self.hub.versions.items()
+                if plan.state.versions.get(name) != version or name in plan.restart
+            ]
+            for note in await self.events.before_update(
+                deployment_id, affected, request.notify_timeout
+            ):
+                log.info("deployment %s: %s", deployment_id, note)
+        return None
+
+    async def _announce_configuration(self, old: HubState, new: HubState) -> None:
+        if self.events is None:
+            return
+        for name, tree in new.configuration.items():
+            if name in old.configuration and old.configuration[name] != tree:
+                await self.events.configuration_changed(name, old.configuration[name], tree)
+
     async def _switch_and_watch(self, plan: Plan, request: DeploymentRequest) -> str | None:
         """Run the new set and watch it; returns why it failed, or None."""
         failures: list[str] = []
@@ -384,10 +445,14 @@ class Deployments:
                     f"{detail}; last log lines:\n  {tail}"
                 )
 
+        before = self.hub.copy()
         self._adopt(plan.state)
+        await self._announce_configuration(before, plan.state)
         self.supervisor.listeners.append(on_change)
         try:
             await self.supervisor.apply(plan.specs, plan.restart)
+            if self.events is not None:
+                await self.events.after_update(plan.state.deployment_id or "", list(plan.specs))
             timeout = request.timeout or self.settings.deployment_timeout
             window = (
                 request.health_window
@@ -416,7 +481,9 @@ class Deployments:
 
     async def _rollback(self, previous: HubState, plan: Plan) -> None:
         specs = specs_for(previous, self.recipes)
+        failed = self.hub.copy()
         self._adopt(previous)
+        await self._announce_configuration(failed, previous)
         restart = {n for n in plan.touched if n in specs}
         await self.supervisor.apply(specs, restart)
         await self.supervisor.wait_until(

@@ -57,6 +57,7 @@ _TRANSITIONS: dict[tuple[State, Event], State] = {
     (State.INSTALLED, Event.RUN): State.RUNNING,
     (State.INSTALLED, Event.EXITED_OK): State.FINISHED,  # nothing to start
     (State.STARTING, Event.RUN): State.RUNNING,
+    (State.RUNNING, Event.RUN): State.RUNNING,  # UpdateState(RUNNING) came before Startup ended
     (State.STARTING, Event.FAILED): State.ERRORED,
     (State.RUNNING, Event.EXITED_OK): State.FINISHED,
     (State.RUNNING, Event.FAILED): State.ERRORED,

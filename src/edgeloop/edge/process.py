@@ -35,6 +35,7 @@ class StepOutcome:
     timed_out: bool = False
     skipped: bool = False
     spawn_error: str | None = None
+    reason: str | None = None  # why it failed, when no exit status tells it
 
     @property
     def ok(self) -> bool:
@@ -45,6 +46,8 @@ class StepOutcome:
         """One line saying how the step ended, for status and deployment reports."""
         if self.skipped:
             return f"{self.step} skipped"
+        if self.reason:
+            return f"{self.step}: {self.reason}"
         if self.spawn_error:
             return f"{self.step} could not start: {self.spawn_error}"
         if self.timed_out:
@@ -172,6 +175,7 @@ class StepProcess:
         """SIGTERM the whole group, then SIGKILL whatever is left after ``grace`` seconds."""
         pgid = self._proc.pid
         _signal_group(pgid, signal.SIGTERM)
+        _signal_group(pgid, signal.SIGCONT)  # a paused component must wake to see SIGTERM
         # Wait for the whole group, not just its leader: a Startup script's daemon outlives
         # the script, and children may linger after the leader exits.
         deadline = time.monotonic() + grace
@@ -213,6 +217,11 @@ def _group_alive(pgid: int) -> bool:
         if len(fields) > 2 and fields[2] == str(pgid).encode() and fields[0] != b"Z":
             return True
     return False
+
+
+def signal_group(pgid: int, sig: int) -> None:
+    """Send ``sig`` to a process group; a group that is already gone is not an error."""
+    _signal_group(pgid, sig)
 
 
 def _signal_group(pgid: int, sig: int) -> None:

@@ -14,11 +14,13 @@ import logging
 import os
 import random
 import secrets
+import signal
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from edgeloop.core.errors import ComponentError
 from edgeloop.core.recipe import Lifecycle, Recipe, StepName
 from edgeloop.core.variables import InterpolationContext, interpolate
 from edgeloop.edge.artifacts import ArtifactStore
@@ -26,6 +28,7 @@ from edgeloop.edge.lifecycle import ErrorHistory, Event, State, transition
 from edgeloop.edge.logs import RotatingLog, tail_lines
 from edgeloop.edge.process import (
     ProcessGroups,
+    signal_group,
     StepOutcome,
     StepProcess,
     monotonic,
@@ -100,6 +103,7 @@ class ComponentRunner:
         self.note = ""
         self.last_error: LastError | None = None
         self.svcuid = secrets.token_urlsafe(24)
+        self.paused = False
         self._task: asyncio.Task[None] | None = None
         self._proc: StepProcess | None = None
         self._errors = ErrorHistory(supervisor.settings.restart)
@@ -166,8 +170,49 @@ class ComponentRunner:
         """Release the log file (the runner must be stopped)."""
         self.log.close()
 
+    def report_state(self, state: str) -> None:
+        """UpdateState from the component itself: RUNNING, or ERRORED (restart it)."""
+        if state == "RUNNING":
+            if self.state in (State.STARTING, State.RUNNING):
+                self._set(Event.RUN)
+            return
+        if self.state in (State.STARTING, State.RUNNING):
+            task = self._task
+            reported = StepOutcome("UpdateState", reason="the component reported ERRORED")
+            self._task = asyncio.create_task(
+                self._after_reported_error(task, reported), name=f"component:{self.name}"
+            )
+
+    async def _after_reported_error(
+        self, task: asyncio.Task[None] | None, outcome: StepOutcome
+    ) -> None:
+        while task is not None and not task.done():
+            task.cancel()
+            await asyncio.wait({task}, timeout=0.5)
+        await self._lifecycle(outcome)
+
+    def pause(self) -> None:
+        """Freeze the component's processes (SIGSTOP to its group)."""
+        pid = self.pid
+        if pid is None or self.state is not State.RUNNING:
+            raise ComponentError(f"{self.name} is {self.state.value}, not RUNNING: cannot pause it")
+        signal_group(pid, signal.SIGSTOP)
+        self.paused = True
+        self.log.write_line("edgeloop", "paused")
+
+    def resume(self) -> None:
+        """Let a paused component's processes run again (SIGCONT)."""
+        if not self.paused:
+            raise ComponentError(f"{self.name} is not paused")
+        if self.pid is not None:
+            signal_group(self.pid, signal.SIGCONT)
+        self.paused = False
+        self.log.write_line("edgeloop", "resumed")
+
     # -- the lifecycle task -----------------------------------------------------------
-    async def _lifecycle(self) -> None:
+    async def _lifecycle(self, failure: StepOutcome | None = None) -> None:
+        if failure is not None:
+            await self._recover(failure)
         while True:
             outcome = await self._attempt()
             if outcome.ok:
@@ -315,6 +360,7 @@ class ComponentRunner:
         return outcome
 
     async def _kill_group(self) -> None:
+        self.paused = False
         proc, self._proc = self._proc, None
         if proc is not None:
             await proc.terminate(self._sup.settings.stop_grace)
@@ -339,6 +385,7 @@ class ComponentRunner:
             "pid": self.pid,
             "restarts": self.restarts,
             "note": self.note,
+            "paused": self.paused,
             "lastError": self.last_error.to_json() if self.last_error else None,
         }
 

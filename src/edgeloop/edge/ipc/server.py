@@ -106,11 +106,16 @@ class Stream:
     operation: str
     closed: bool = False
     _on_close: list[Callable[[], Awaitable[None] | None]] = field(default_factory=list)
+    _after_response: list[Callable[[], Any]] = field(default_factory=list)
 
     @property
     def component(self) -> str:
         """The component on the other end."""
         return self.connection.component
+
+    def after_response(self, callback: Callable[[], Any]) -> None:
+        """Run ``callback`` once the response is on its way (start sending events there)."""
+        self._after_response.append(callback)
 
     def on_close(self, callback: Callable[[], Awaitable[None] | None]) -> None:
         """Run ``callback`` when the stream ends, from either side or by disconnection."""
@@ -306,6 +311,9 @@ class Connection:
             )
         if not operation.streaming:
             stream.closed = True
+            return
+        for callback in stream._after_response:
+            callback()
 
     async def _error(self, stream: Stream, err: IpcError) -> None:
         with contextlib.suppress(ConnectionError, OSError):

@@ -1,0 +1,89 @@
+"""PublishToTopic and SubscribeToTopic: local publish/subscribe between components."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from typing import Any
+
+from edgeloop.core.errors import ValidationError
+from edgeloop.core.topics import validate_topic_filter, validate_topic_name
+from edgeloop.edge.ipc.authz import PUBSUB
+from edgeloop.edge.ipc.context import IpcContext
+from edgeloop.edge.ipc.pubsub import Published, Subscription
+from edgeloop.edge.ipc.server import InvalidArgumentsError, Operation, Stream
+
+RECEIVE_MODES = ("RECEIVE_ALL_MESSAGES", "RECEIVE_MESSAGES_FROM_OTHERS")
+
+
+def _topic(body: dict[str, Any], *, is_filter: bool) -> str:
+    topic = body.get("topic")
+    if not isinstance(topic, str):
+        raise InvalidArgumentsError("topic is required and must be a string")
+    try:
+        (validate_topic_filter if is_filter else validate_topic_name)(topic)
+    except ValidationError as err:
+        raise InvalidArgumentsError(f"topic {topic!r}: {err.reason}") from err
+    return topic
+
+
+def _message(body: dict[str, Any]) -> tuple[Any, bool]:
+    message = body.get("publishMessage")
+    if not isinstance(message, dict):
+        raise InvalidArgumentsError("publishMessage is required: a jsonMessage or binaryMessage")
+    if isinstance(message.get("jsonMessage"), dict):
+        return message["jsonMessage"].get("message"), False
+    if isinstance(message.get("binaryMessage"), dict):
+        raw = message["binaryMessage"].get("message", "")
+        try:
+            return base64.b64decode(raw or "", validate=True), True
+        except (binascii.Error, TypeError) as err:
+            raise InvalidArgumentsError("binaryMessage.message is not valid base64") from err
+    raise InvalidArgumentsError("publishMessage needs a jsonMessage or a binaryMessage")
+
+
+def operations(ctx: IpcContext) -> list[Operation]:
+    """The pub/sub operations."""
+
+    async def publish(stream: Stream, body: dict[str, Any]) -> dict[str, Any]:
+        topic = _topic(body, is_filter=False)
+        ctx.authorizer.check(stream.component, PUBSUB, "PublishToTopic", topic)
+        payload, binary = _message(body)
+        ctx.pubsub.publish(Published(topic, payload, binary, stream.component))
+        return {}
+
+    async def subscribe(stream: Stream, body: dict[str, Any]) -> dict[str, Any]:
+        topic_filter = _topic(body, is_filter=True)
+        mode = body.get("receiveMode") or "RECEIVE_ALL_MESSAGES"
+        if mode not in RECEIVE_MODES:
+            raise InvalidArgumentsError(f"receiveMode must be one of {', '.join(RECEIVE_MODES)}")
+        ctx.authorizer.check(stream.component, PUBSUB, "SubscribeToTopic", topic_filter)
+
+        async def deliver(message: Published) -> None:
+            context = {"topic": message.topic}
+            if message.binary:
+                event = {
+                    "binaryMessage": {
+                        "message": base64.b64encode(message.payload).decode("ascii"),
+                        "context": context,
+                    }
+                }
+            else:
+                event = {"jsonMessage": {"message": message.payload, "context": context}}
+            await stream.send_event("SubscriptionResponseMessage", event)
+
+        subscription = Subscription(
+            topic_filter,
+            stream.component,
+            deliver,
+            from_others_only=mode == "RECEIVE_MESSAGES_FROM_OTHERS",
+        )
+        # The response must reach the client before the first event: subscribe after it.
+        stream.on_close(lambda: ctx.pubsub.unsubscribe(subscription))
+        stream.after_response(lambda: ctx.pubsub.subscribe(subscription))
+        return {}
+
+    return [
+        Operation("PublishToTopic", publish, inline=True),
+        Operation("SubscribeToTopic", subscribe, streaming=True, inline=True),
+    ]
