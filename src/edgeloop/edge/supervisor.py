@@ -28,11 +28,11 @@ from edgeloop.edge.lifecycle import ErrorHistory, Event, State, transition
 from edgeloop.edge.logs import RotatingLog, tail_lines
 from edgeloop.edge.process import (
     ProcessGroups,
-    signal_group,
     StepOutcome,
     StepProcess,
     monotonic,
     should_skip,
+    signal_group,
     spawn,
 )
 from edgeloop.edge.settings import AgentSettings
