@@ -12,6 +12,7 @@ import contextlib
 import logging
 import logging.handlers
 import os
+import secrets
 import signal
 import sys
 import time
@@ -24,9 +25,16 @@ from edgeloop.core.errors import AgentError, ComponentError, EdgeloopError, Vali
 from edgeloop.edge.artifacts import ArtifactStore
 from edgeloop.edge.control import ControlClient, ControlServer, check_socket_path
 from edgeloop.edge.deployments import DeploymentRequest, Deployments, specs_for
+from edgeloop.edge.ipc import ops_config, ops_iotcore, ops_lifecycle, ops_pubsub, ops_shadow
+from edgeloop.edge.ipc.authz import Authorizer
+from edgeloop.edge.ipc.context import IpcContext
+from edgeloop.edge.ipc.events import ComponentEvents
+from edgeloop.edge.ipc.pubsub import PubSub
+from edgeloop.edge.ipc.server import IpcServer
 from edgeloop.edge.process import ProcessGroups
 from edgeloop.edge.recipes import RecipeStore
 from edgeloop.edge.settings import AgentSettings
+from edgeloop.edge.shadows import LocalShadows
 from edgeloop.edge.store import HubStore
 
 log = logging.getLogger("edgeloop.agent")
@@ -54,8 +62,38 @@ class Agent:
             self.groups,
             lambda name: self.hub.configuration.get(name, {}),
         )
+        self.events = ComponentEvents()
         self.deployments = Deployments(
-            settings, self.store, self.recipes, self.artifacts, self.supervisor, self.hub
+            settings,
+            self.store,
+            self.recipes,
+            self.artifacts,
+            self.supervisor,
+            self.hub,
+            self.events,
+        )
+        self.pubsub = PubSub()
+        self.shadows = LocalShadows(self.store.state_dir / "shadows")
+        self.ipc = IpcServer(layout.ipc_socket, self._authenticate)
+        ipc_context = IpcContext(
+            settings=settings,
+            authorizer=Authorizer(
+                lambda name: self.hub.configuration.get(name, {}), settings.thing_name
+            ),
+            pubsub=self.pubsub,
+            supervisor=self.supervisor,
+            deployments=self.deployments,
+            hub=self.hub,
+            store=self.store,
+            events=self.events,
+            shadows=self.shadows,
+        )
+        self.ipc.register(
+            *ops_pubsub.operations(ipc_context),
+            *ops_config.operations(ipc_context),
+            *ops_lifecycle.operations(ipc_context),
+            *ops_shadow.operations(ipc_context),
+            *ops_iotcore.operations(ipc_context, None),
         )
         self.started_at = time.time()
         self._stop = asyncio.Event()
@@ -85,6 +123,7 @@ class Agent:
         interrupted = self.deployments.recover_interrupted()
         if interrupted:
             log.warning("deployment %s was interrupted; back on the last good state", interrupted)
+        await self.ipc.start()
         await self.control.start()
         self.settings.layout.pid_file.write_text(f"{os.getpid()}\n")
         try:
@@ -103,9 +142,17 @@ class Agent:
         finally:
             log.info("stopping components")
             await self.supervisor.stop_all()
+            await self.ipc.close()
             await self.control.close()
             self.settings.layout.pid_file.unlink(missing_ok=True)
             log.info("agent stopped")
+
+    def _authenticate(self, token: str) -> str | None:
+        """The component an IPC auth token (its SVCUID) belongs to, or None."""
+        for runner in self.supervisor.runners.values():
+            if token and secrets.compare_digest(runner.svcuid, token):
+                return runner.name
+        return None
 
     # -- control operations -----------------------------------------------------------
     async def _op_status(self, _: dict[str, Any]) -> dict[str, Any]:

@@ -62,10 +62,18 @@ _TRANSITIONS: dict[tuple[State, Event], State] = {
     (State.RUNNING, Event.EXITED_OK): State.FINISHED,
     (State.RUNNING, Event.FAILED): State.ERRORED,
     (State.STOPPING, Event.STOPPED): State.FINISHED,
+    (State.FINISHED, Event.STOPPED): State.FINISHED,  # stopping what had already finished
     (State.STOPPING, Event.FAILED): State.ERRORED,
     (State.ERRORED, Event.GIVE_UP): State.BROKEN,
 }
-_STOPPABLE = {State.NEW, State.INSTALLED, State.STARTING, State.RUNNING, State.ERRORED}
+_STOPPABLE = {
+    State.NEW,
+    State.INSTALLED,
+    State.STARTING,
+    State.RUNNING,
+    State.ERRORED,
+    State.BROKEN,  # stopping a broken component ends its cool-off: it is FINISHED
+}
 
 
 class IllegalTransition(RuntimeError):
@@ -81,7 +89,7 @@ def transition(state: State, event: Event) -> State:
     if event is Event.STOP:
         if state in _STOPPABLE:
             return State.STOPPING
-        if state in (State.FINISHED, State.BROKEN, State.STOPPING):
+        if state in (State.FINISHED, State.STOPPING):
             return state
     nxt = _TRANSITIONS.get((state, event))
     if nxt is None:
