@@ -146,6 +146,13 @@ def deploy(
     timeout: Annotated[
         float | None, typer.Option(help="Seconds to wait for the components to settle.")
     ] = None,
+    component_update_policy: Annotated[
+        str,
+        typer.Option(
+            help="NOTIFY_COMPONENTS (default: components may defer the update) or "
+            "SKIP_NOTIFY_COMPONENTS."
+        ),
+    ] = "NOTIFY_COMPONENTS",
     wait: Annotated[bool, typer.Option(help="Wait for the outcome.")] = True,
     as_json: JsonOption = False,
 ) -> None:
@@ -159,6 +166,7 @@ def deploy(
         "failureHandling": failure_handling.upper(),
         "healthWindow": health_window,
         "timeout": timeout,
+        "componentUpdatePolicy": component_update_policy.upper(),
     }
     started = time.monotonic()
     with ControlClient(root) as client:

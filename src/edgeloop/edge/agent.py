@@ -252,6 +252,9 @@ def request_from_json(req: dict[str, Any]) -> DeploymentRequest:
         failure_handling=str(req.get("failureHandling") or "ROLLBACK"),
         health_window=_optional_float(req, "healthWindow"),
         timeout=_optional_float(req, "timeout"),
+        component_update_policy=str(req.get("componentUpdatePolicy") or "NOTIFY_COMPONENTS"),
+        notify_timeout=_optional_float(req, "notifyTimeout") or 60.0,
+        validation_timeout=_optional_float(req, "validationTimeout") or 30.0,
     )
 
 
