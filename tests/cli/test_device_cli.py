@@ -425,14 +425,6 @@ def test_restart_or_stop_of_an_unknown_component_names_the_ones_there_are(hub: H
     assert hub.components()["com.example.Svc"]["state"] == "RUNNING"
 
 
-_FINISHED_BUG = (
-    "src bug: ComponentRunner.stop() sends STOP then STOPPED; STOP leaves FINISHED (and "
-    "BROKEN) unchanged, and STOPPED is illegal there, so stopping a FINISHED component "
-    "raises IllegalTransition ('internal error: stopped is not allowed in state FINISHED')"
-)
-
-
-@pytest.mark.xfail(strict=True, reason=_FINISHED_BUG)
 def test_stopping_a_stopped_component_again_is_harmless(hub: Hub) -> None:
     _deploy(hub, "com.example.Svc", LOOP)
     assert edgeloop("device", "stop", "com.example.Svc", root=hub.root).returncode == 0
@@ -442,7 +434,6 @@ def test_stopping_a_stopped_component_again_is_harmless(hub: Hub) -> None:
     assert again.stdout.strip() == "com.example.Svc: FINISHED"
 
 
-@pytest.mark.xfail(strict=True, reason=_FINISHED_BUG + "; so removing it fails the deployment")
 def test_removing_a_component_whose_run_finished(hub: Hub) -> None:
     _deploy(hub, "com.example.Once", "echo done")
     hub.wait_for(lambda c: c["com.example.Once"]["state"] == "FINISHED")
