@@ -211,12 +211,6 @@ def test_the_socket_is_for_its_owner_only(shared_hub: Hub) -> None:
     assert stat.S_IMODE(mode) == 0o600
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="src bug: agent._refuse_second_agent raises its AgentError inside "
-    "contextlib.suppress(AgentError), so the refusal is swallowed; the second agent "
-    "unlinks the first one's socket, takes over the hub and reaps its process groups",
-)
 def test_a_second_agent_on_the_same_hub_is_refused(hub: Hub) -> None:
     assert hub.proc is not None
     first_pid = hub.proc.pid

@@ -286,8 +286,10 @@ def _configure_logging(settings: AgentSettings) -> None:
 def _refuse_second_agent(settings: AgentSettings) -> None:
     if not settings.layout.control_socket.exists():
         return
+    status = None
     with contextlib.suppress(AgentError), ControlClient(settings.root, timeout=2.0) as client:
-        status = client.call("status")
+        status = client.call("status")  # a stale socket of a dead agent does not answer
+    if status is not None:
         raise AgentError(
             f"an agent (pid {status.get('pid')}) already runs the hub at {settings.root}"
         )

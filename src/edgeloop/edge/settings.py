@@ -136,12 +136,19 @@ class AgentSettings:
         return replace(self, **changes)
 
 
+_MIN_INT = {"log_max_bytes": 4096, "restart.broken_after": 1}
+
+
 def _typed(key: str, value: Any, kind: type, source: str) -> Any:
     if kind is float and isinstance(value, int | float) and not isinstance(value, bool):
         if value < 0:
             raise ValidationError("must not be negative", source=source, field=key)
         return float(value)
     if isinstance(value, kind) and not isinstance(value, bool):
+        if isinstance(value, int) and value < _MIN_INT.get(key, 0):
+            raise ValidationError(
+                f"must be at least {_MIN_INT.get(key, 0)}", source=source, field=key
+            )
         return value
     raise ValidationError(f"must be a {kind.__name__}", source=source, field=key)
 

@@ -292,7 +292,11 @@ class Connection:
         except IpcError as err:
             await self._error(stream, err)
             return
-        except (ConnectionError, OSError):
+        except (ConnectionError, OSError) as err:
+            if self.writer.is_closing():
+                return  # the client is gone: nobody to answer
+            log.exception("IPC %s from %s failed", operation.name, self.component)
+            await self._error(stream, ServiceError(f"{operation.name} failed: {err}"))
             return
         except Exception as err:
             log.exception("IPC %s from %s failed", operation.name, self.component)
