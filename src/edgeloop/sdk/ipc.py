@@ -45,7 +45,6 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Final, Generic, Literal, Self, TypeVar
 
-from edgeloop.core.errors import EdgeloopError
 from edgeloop.core.eventstream import Decoder, FrameError, HeaderValue, Int32, Message, encode
 from edgeloop.core.eventstream_rpc import (
     CONTENT_TYPE,
@@ -65,6 +64,17 @@ from edgeloop.core.eventstream_rpc import (
     parse,
     ping_response,
     protocol_error,
+)
+from edgeloop.core.ipc_errors import (
+    ComponentNotFoundError,
+    ConflictError,
+    FailedUpdateConditionCheckError,
+    InvalidArgumentsError,
+    IpcError,
+    ResourceNotFoundError,
+    ServiceError,
+    UnauthorizedError,
+    error_class,
 )
 
 __all__ = [
@@ -99,80 +109,12 @@ T = TypeVar("T")
 
 
 # -- errors ------------------------------------------------------------------------------
-class IpcError(EdgeloopError):
-    """Base of the IPC client's errors; ``message`` says what, ``fields`` any extra members."""
-
-    #: The Greengrass model name (without ``aws.greengrass#``) of a modelled error.
-    model: str = ""
-
-    def __init__(self, message: str, fields: Mapping[str, Any] | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        self.fields: dict[str, Any] = dict(fields or {})
-
-
 class IpcConnectionError(IpcError):
     """The client is not connected: refused, unreachable, lost, or closed."""
 
 
 class IpcTimeoutError(IpcError, TimeoutError):
     """The agent did not answer a call in time; the connection may still be fine."""
-
-
-class ServiceError(IpcError):
-    """The agent could not do what was asked (retrying may help)."""
-
-    model = "ServiceError"
-
-
-class UnauthorizedError(IpcError):
-    """The component's accessControl policies do not allow the call."""
-
-    model = "UnauthorizedError"
-
-
-class ResourceNotFoundError(IpcError):
-    """The named resource does not exist (see ``fields['resourceType'/'resourceName']``)."""
-
-    model = "ResourceNotFoundError"
-
-
-class InvalidArgumentsError(IpcError):
-    """The request is malformed or its values are out of range."""
-
-    model = "InvalidArgumentsError"
-
-
-class ConflictError(IpcError):
-    """The request conflicts with the current state (e.g. a stale shadow version)."""
-
-    model = "ConflictError"
-
-
-class ComponentNotFoundError(IpcError):
-    """The named component is not on this hub."""
-
-    model = "ComponentNotFoundError"
-
-
-class FailedUpdateConditionCheckError(IpcError):
-    """An update lost to a newer one (UpdateConfiguration's timestamp check)."""
-
-    model = "FailedUpdateConditionCheckError"
-
-
-_ERRORS: Final[dict[str, type[IpcError]]] = {
-    PREFIX + cls.model: cls
-    for cls in (
-        ServiceError,
-        UnauthorizedError,
-        ResourceNotFoundError,
-        InvalidArgumentsError,
-        ConflictError,
-        ComponentNotFoundError,
-        FailedUpdateConditionCheckError,
-    )
-}
 
 
 def _modelled_error(rpc: RpcMessage) -> IpcError:
@@ -185,7 +127,7 @@ def _modelled_error(rpc: RpcMessage) -> IpcError:
         body = {"message": str(body)}
     fields = dict(body)
     message = str(fields.pop("message", "") or model or "error without a message")
-    cls = _ERRORS.get(model)
+    cls = error_class(model)
     if cls is not None:
         return cls(message, fields)
     err = IpcError(f"{model or 'an unnamed error'}: {message}", fields)

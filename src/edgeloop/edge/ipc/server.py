@@ -37,64 +37,35 @@ from edgeloop.core.eventstream_rpc import (
     ping_response,
     protocol_error,
 )
+from edgeloop.core.ipc_errors import (
+    ComponentNotFoundError,
+    ConflictError,
+    FailedUpdateConditionCheckError,
+    InvalidArgumentsError,
+    IpcError,
+    ResourceNotFoundError,
+    ServiceError,
+    UnauthorizedError,
+)
 
 log = logging.getLogger("edgeloop.ipc")
 
 PREFIX = "aws.greengrass#"
+__all__ = [
+    "ComponentNotFoundError",
+    "ConflictError",
+    "Connection",
+    "FailedUpdateConditionCheckError",
+    "InvalidArgumentsError",
+    "IpcError",
+    "IpcServer",
+    "Operation",
+    "ResourceNotFoundError",
+    "ServiceError",
+    "Stream",
+    "UnauthorizedError",
+]
 READ_CHUNK = 256 * 1024
-
-
-class IpcError(Exception):
-    """An error the client receives as a modelled Greengrass error on its stream."""
-
-    model = "ServiceError"
-
-    def __init__(self, message: str, **fields: Any) -> None:
-        super().__init__(message)
-        self.message = message
-        self.fields = fields
-
-
-class ServiceError(IpcError):
-    """The runtime could not do what was asked (retryable on the client's side)."""
-
-    model = "ServiceError"
-
-
-class UnauthorizedError(IpcError):
-    """The component's accessControl policies do not allow the call."""
-
-    model = "UnauthorizedError"
-
-
-class ResourceNotFoundError(IpcError):
-    """The named resource (component, shadow, deployment, key) does not exist."""
-
-    model = "ResourceNotFoundError"
-
-
-class InvalidArgumentsError(IpcError):
-    """The request is malformed or its values are out of range."""
-
-    model = "InvalidArgumentsError"
-
-
-class ConflictError(IpcError):
-    """The request conflicts with the current state (e.g. a stale shadow version)."""
-
-    model = "ConflictError"
-
-
-class ComponentNotFoundError(IpcError):
-    """The named component is not on this hub."""
-
-    model = "ComponentNotFoundError"
-
-
-class FailedUpdateConditionCheckError(IpcError):
-    """An update lost to a newer one (UpdateConfiguration's timestamp check)."""
-
-    model = "FailedUpdateConditionCheckError"
 
 
 @dataclass(eq=False)
@@ -264,6 +235,10 @@ class Connection:
             if rpc.terminates_stream:
                 return  # a late close of a stream we already ended
             raise ProtocolError(f"stream {rpc.stream_id} is not open")
+        if rpc.stream_id != self._last_stream_id + 1:
+            raise ProtocolError(
+                f"stream {rpc.stream_id} is not the next stream id ({self._last_stream_id + 1})"
+            )
         self._last_stream_id = rpc.stream_id
         if rpc.terminates_stream and not rpc.operation:
             return
