@@ -31,7 +31,7 @@ import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import ClassVar, Final, Self
+from typing import ClassVar, Final, Self, cast
 from uuid import UUID
 
 from edgeloop.core.errors import EdgeloopError
@@ -150,6 +150,10 @@ HeaderValue = bool | Int8 | Int16 | Int32 | Int64 | Timestamp | bytes | str | UU
 _SIZED_BY_TYPE: Final[dict[HeaderType, Callable[[int], HeaderValue]]] = {
     cls.header_type: cls for cls in (Int8, Int16, Int32, Int64, Timestamp)
 }
+_I32: Final = struct.Struct(">i")
+_SIZED_CLASSES: Final[dict[HeaderType, type[_SizedInt]]] = {
+    cls.header_type: cls for cls in (Int8, Int16, Int32, Int64, Timestamp)
+}
 _INT_FORMATS: Final[dict[HeaderType, struct.Struct]] = {
     HeaderType.BYTE: struct.Struct(">b"),
     HeaderType.INT16: struct.Struct(">h"),
@@ -188,7 +192,7 @@ class Message:
     payload: bytes = b""
 
 
-def _encode_header(out: bytearray, name: str, value: HeaderValue) -> None:
+def _encode_header_uncached(out: bytearray, name: str, value: HeaderValue) -> None:
     raw_name = name.encode("utf-8")
     if not 1 <= len(raw_name) <= MAX_HEADER_NAME_LENGTH:
         raise FrameError(
@@ -215,6 +219,35 @@ def _encode_header(out: bytearray, name: str, value: HeaderValue) -> None:
         out += raw
 
 
+_ENCODED_CACHE: dict[tuple[str, type, HeaderValue], bytes] = {}
+_ENCODED_CACHE_LIMIT: Final = 4096
+_INT32_PREFIX: dict[str, bytes] = {}
+
+
+def _encode_header(out: bytearray, name: str, value: HeaderValue) -> None:
+    # Hot path. RPC frames repeat the same names and string values (content type, model
+    # names), so their encodings are cached; INT32 values (ids, flags) vary and get a
+    # cached name prefix instead.
+    if type(value) is Int32:
+        prefix = _INT32_PREFIX.get(name)
+        if prefix is None:
+            scratch = bytearray()
+            _encode_header_uncached(scratch, name, value)
+            prefix = _INT32_PREFIX[name] = bytes(scratch[:-4])
+        out += prefix
+        out += _I32.pack(value)
+        return
+    key = (name, type(value), value)
+    cached = _ENCODED_CACHE.get(key)
+    if cached is None:
+        scratch = bytearray()
+        _encode_header_uncached(scratch, name, value)
+        cached = bytes(scratch)
+        if len(_ENCODED_CACHE) < _ENCODED_CACHE_LIMIT:
+            _ENCODED_CACHE[key] = cached
+    out += cached
+
+
 def encode(message: Message, *, max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE) -> bytes:
     """Encode one message as a frame; FrameError if it breaks a size limit of the format."""
     headers = bytearray()
@@ -236,47 +269,56 @@ def encode(message: Message, *, max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
     return bytes(frame)
 
 
+_TYPE_BY_CODE: Final[dict[int, HeaderType]] = {int(t): t for t in HeaderType}
+
+
+def _fast_sized(cls: type[_SizedInt], value: int) -> HeaderValue:
+    # A value unpacked from its own width is in range: skip __new__'s checks (hot path).
+    return cast(HeaderValue, int.__new__(cls, value))
+
+
 def _decode_headers(block: memoryview) -> dict[str, HeaderValue]:
+    # Hot path: every message goes through here, so bounds are checked inline and error
+    # texts are only built when something is wrong.
     headers: dict[str, HeaderValue] = {}
-    pos, end = 0, len(block)
-
-    def take(count: int, what: str) -> memoryview:
-        nonlocal pos
-        if pos + count > end:
-            raise FrameError(f"headers section ends inside {what}")
-        chunk = block[pos : pos + count]
-        pos += count
-        return chunk
-
+    raw_block = bytes(block)
+    pos, end = 0, len(raw_block)
     while pos < end:
-        name_length = take(1, "a header name length")[0]
+        name_length = raw_block[pos]
+        pos += 1
         if not 1 <= name_length <= MAX_HEADER_NAME_LENGTH:
             raise FrameError(f"header name length {name_length} is outside 1..127")
+        if pos + name_length > end:
+            raise FrameError("headers section ends inside a header name")
+        if pos + name_length + 1 > end:
+            raise FrameError("headers section ends inside the type of a header")
         try:
-            name = bytes(take(name_length, "a header name")).decode("utf-8")
+            name = raw_block[pos : pos + name_length].decode("utf-8")
         except UnicodeDecodeError as err:
             raise FrameError("header name is not valid UTF-8") from err
-        code = take(1, f"the type of header {name!r}")[0]
-        try:
-            kind = HeaderType(code)
-        except ValueError as err:
-            raise FrameError(f"header {name!r} has unknown value type {code}") from err
+        pos += name_length
+        code = raw_block[pos]
+        pos += 1
+        kind = _TYPE_BY_CODE.get(code)
         value: HeaderValue
-        if kind is HeaderType.BOOL_TRUE:
-            value = True
-        elif kind is HeaderType.BOOL_FALSE:
-            value = False
-        elif kind is HeaderType.UUID:
-            value = UUID(bytes=bytes(take(16, f"the value of header {name!r}")))
-        elif kind in _INT_FORMATS:
-            fmt = _INT_FORMATS[kind]
-            raw_int = take(fmt.size, f"the value of header {name!r}")
-            value = _SIZED_BY_TYPE[kind](fmt.unpack(raw_int)[0])
-        else:
-            (length,) = _U16.unpack(take(2, f"the length of header {name!r}"))
+        if kind is None:
+            raise FrameError(f"header {name!r} has unknown value type {code}")
+        if kind is HeaderType.INT32:
+            if pos + 4 > end:
+                raise FrameError(f"headers section ends inside the value of header {name!r}")
+            value = _fast_sized(Int32, _I32.unpack_from(raw_block, pos)[0])
+            pos += 4
+        elif kind is HeaderType.STRING or kind is HeaderType.BYTE_BUF:
+            if pos + 2 > end:
+                raise FrameError(f"headers section ends inside the length of header {name!r}")
+            (length,) = _U16.unpack_from(raw_block, pos)
+            pos += 2
             if length > MAX_HEADER_VALUE_LENGTH:
                 raise FrameError(f"header {name!r} value length {length} exceeds 32767")
-            raw = bytes(take(length, f"the value of header {name!r}"))
+            if pos + length > end:
+                raise FrameError(f"headers section ends inside the value of header {name!r}")
+            raw = raw_block[pos : pos + length]
+            pos += length
             if kind is HeaderType.STRING:
                 try:
                     value = raw.decode("utf-8")
@@ -284,6 +326,21 @@ def _decode_headers(block: memoryview) -> dict[str, HeaderValue]:
                     raise FrameError(f"header {name!r} string is not valid UTF-8") from err
             else:
                 value = raw
+        elif kind is HeaderType.BOOL_TRUE:
+            value = True
+        elif kind is HeaderType.BOOL_FALSE:
+            value = False
+        elif kind is HeaderType.UUID:
+            if pos + 16 > end:
+                raise FrameError(f"headers section ends inside the value of header {name!r}")
+            value = UUID(bytes=raw_block[pos : pos + 16])
+            pos += 16
+        else:
+            fmt = _INT_FORMATS[kind]
+            if pos + fmt.size > end:
+                raise FrameError(f"headers section ends inside the value of header {name!r}")
+            value = _fast_sized(_SIZED_CLASSES[kind], fmt.unpack_from(raw_block, pos)[0])
+            pos += fmt.size
         if name in headers:
             # The format allows repeats, but nothing in the RPC protocol sends them and a
             # dict cannot hold them; taking either copy silently would hide a broken peer.

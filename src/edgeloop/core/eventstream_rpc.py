@@ -129,11 +129,16 @@ class ConnectRequest:
     auth_token: str | None
 
 
-def _lookup(headers: Mapping[str, HeaderValue]) -> dict[str, HeaderValue]:
-    return {name.lower(): value for name, value in headers.items()}
+def _lookup(headers: Mapping[str, HeaderValue]) -> Mapping[str, HeaderValue]:
+    # Peers send lower-case names (ours and the SDK's C runtime both do): only copy when
+    # one is not, so the common case costs nothing.
+    for name in headers:
+        if not name.islower() and name.lower() != name:
+            return {n.lower(): v for n, v in headers.items()}
+    return headers
 
 
-def _int32(lowered: dict[str, HeaderValue], name: str) -> int:
+def _int32(lowered: Mapping[str, HeaderValue], name: str) -> int:
     value = lowered.get(name)
     if value is None:
         raise ProtocolError(
@@ -145,7 +150,7 @@ def _int32(lowered: dict[str, HeaderValue], name: str) -> int:
     return int(value)
 
 
-def _string(lowered: dict[str, HeaderValue], name: str) -> str | None:
+def _string(lowered: Mapping[str, HeaderValue], name: str) -> str | None:
     value = lowered.get(name)
     return value if isinstance(value, str) else None
 
