@@ -10,6 +10,7 @@ from __future__ import annotations
 SUITES: dict[str, str] = {
     # suite name -> module, imported only when the suite runs
     "edge": "benchmarks.edge_runtime",
+    "ipc": "benchmarks.ipc",
 }
 
 __all__ = ["SUITES"]
