@@ -32,6 +32,7 @@ SHADOW = "aws.greengrass.ShadowManager"
 LIFECYCLE = "aws.greengrass.ipc.lifecycle"
 CLI = "aws.greengrass.Cli"
 
+CACHE_LIMIT = 10_000
 # The services whose resources are MQTT topic filters, matched with MQTT wildcards too.
 _MQTT_SERVICES = frozenset({MQTT_PROXY})
 
@@ -43,6 +44,7 @@ class Authorizer:
         self._configuration = configuration
         self._thing_name = thing_name
         self.denied = 0
+        self._cache: dict[tuple[str, str, str, str], tuple[Mapping[str, Any], bool]] = {}
 
     def check(self, component: str, service: str, operation: str, resource: str) -> None:
         """Raise UnauthorizedError unless ``component`` may call ``operation`` on ``resource``."""
@@ -64,6 +66,19 @@ class Authorizer:
     def allows(self, component: str, service: str, operation: str, resource: str) -> bool:
         """True when one of the component's policies for ``service`` allows the call."""
         tree = self._configuration(component)
+        # Decisions are cached per configuration tree: a deployment or an
+        # UpdateConfiguration replaces the tree object, which invalidates them.
+        key = (component, service, operation, resource)
+        cached = self._cache.get(key)
+        if cached is not None and cached[0] is tree:
+            return cached[1]
+        allowed = self._decide(tree, service, operation, resource)
+        if len(self._cache) >= CACHE_LIMIT:
+            self._cache.clear()
+        self._cache[key] = (tree, allowed)
+        return allowed
+
+    def _decide(self, tree: Mapping[str, Any], service: str, operation: str, resource: str) -> bool:
         access = _get_ci(tree, "accessControl")
         policies = _get_ci(access, service) if isinstance(access, Mapping) else None
         if not isinstance(policies, Mapping):

@@ -7,6 +7,7 @@ import binascii
 from typing import Any
 
 from edgeloop.core.errors import ValidationError
+from edgeloop.core.eventstream_rpc import json_body
 from edgeloop.core.topics import validate_topic_filter, validate_topic_name
 from edgeloop.edge.ipc.authz import PUBSUB
 from edgeloop.edge.ipc.context import IpcContext
@@ -42,6 +43,14 @@ def _message(body: dict[str, Any]) -> tuple[Any, bool]:
     raise InvalidArgumentsError("publishMessage needs a jsonMessage or a binaryMessage")
 
 
+def _event(message: Published) -> dict[str, Any]:
+    context = {"topic": message.topic}
+    if message.binary:
+        encoded = base64.b64encode(message.payload).decode("ascii")
+        return {"binaryMessage": {"message": encoded, "context": context}}
+    return {"jsonMessage": {"message": message.payload, "context": context}}
+
+
 def operations(ctx: IpcContext) -> list[Operation]:
     """The pub/sub operations."""
 
@@ -60,17 +69,9 @@ def operations(ctx: IpcContext) -> list[Operation]:
         ctx.authorizer.check(stream.component, PUBSUB, "SubscribeToTopic", topic_filter)
 
         async def deliver(message: Published) -> None:
-            context = {"topic": message.topic}
-            if message.binary:
-                event = {
-                    "binaryMessage": {
-                        "message": base64.b64encode(message.payload).decode("ascii"),
-                        "context": context,
-                    }
-                }
-            else:
-                event = {"jsonMessage": {"message": message.payload, "context": context}}
-            await stream.send_event("SubscriptionResponseMessage", event)
+            if message.encoded is None:
+                message.encoded = json_body(_event(message))
+            await stream.send_event("SubscriptionResponseMessage", message.encoded)
 
         subscription = Subscription(
             topic_filter,

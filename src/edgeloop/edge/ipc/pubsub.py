@@ -24,7 +24,7 @@ log = logging.getLogger("edgeloop.ipc.pubsub")
 DEFAULT_QUEUE_LIMIT = 1024
 
 
-@dataclass(frozen=True)
+@dataclass
 class Published:
     """One message as published: JSON (any JSON value) or bytes, and where it came from."""
 
@@ -32,6 +32,8 @@ class Published:
     payload: Any  # a JSON value, or bytes for a binary message
     binary: bool
     source: str  # the publishing component, for RECEIVE_MESSAGES_FROM_OTHERS
+    # The encoded event, made once and shared by every subscriber it fans out to.
+    encoded: bytes | None = field(default=None, compare=False)
 
 
 Deliver = Callable[[Published], Awaitable[None]]

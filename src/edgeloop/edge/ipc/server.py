@@ -51,6 +51,7 @@ from edgeloop.core.ipc_errors import (
 log = logging.getLogger("edgeloop.ipc")
 
 PREFIX = "aws.greengrass#"
+WRITE_BUFFER_LIMIT = 256 * 1024  # bytes queued for one client before senders wait
 __all__ = [
     "ComponentNotFoundError",
     "ConflictError",
@@ -92,13 +93,12 @@ class Stream:
         """Run ``callback`` when the stream ends, from either side or by disconnection."""
         self._on_close.append(callback)
 
-    async def send_event(self, model: str, body: dict[str, Any]) -> None:
-        """Send one stream event (after the response)."""
+    async def send_event(self, model: str, body: dict[str, Any] | bytes) -> None:
+        """Send one stream event (after the response); ``body`` may be JSON already encoded."""
         if self.closed:
             raise ConnectionError("stream closed")
-        await self.connection.send(
-            application_message(self.stream_id, PREFIX + model, json_body(body))
-        )
+        payload = body if isinstance(body, bytes) else json_body(body)
+        await self.connection.send(application_message(self.stream_id, PREFIX + model, payload))
 
     async def close(self) -> None:
         """End the stream from the server's side."""
@@ -167,13 +167,37 @@ class Connection:
         self.streams: dict[int, Stream] = {}
         self._last_stream_id = 0
         self._tasks: set[asyncio.Task[None]] = set()
+        self._outbox: list[bytes] = []
+        self._flush_scheduled = False
 
     async def send(self, message: Message) -> None:
-        """Write one frame and wait while the client's buffer is full."""
+        """Queue one frame; wait only while the client's buffer is over its limit."""
+        await self.send_frame(encode(message))
+
+    async def send_frame(self, frame: bytes) -> None:
+        """Queue one encoded frame (see ``send``).
+
+        Frames queued during one turn of the event loop go out in one write: with many
+        small messages, a system call per frame was a large share of the agent's time.
+        """
         if self.writer.is_closing():
             raise ConnectionError("connection closed")
-        self.writer.write(encode(message))
-        await self.writer.drain()
+        self._outbox.append(frame)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+        if self.writer.transport.get_write_buffer_size() > WRITE_BUFFER_LIMIT:
+            self._flush()
+            await self.writer.drain()
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        if not self._outbox:
+            return
+        data = b"".join(self._outbox)
+        self._outbox.clear()
+        if not self.writer.is_closing():
+            self.writer.write(data)
 
     async def serve(self) -> None:
         """Handshake, then serve requests until the client goes away."""
@@ -302,6 +326,8 @@ class Connection:
         await stream._closed()
 
     async def _teardown(self) -> None:
+        with contextlib.suppress(Exception):
+            self._flush()  # answers already queued (e.g. a refusal) still go out
         for task in list(self._tasks):
             task.cancel()
         for stream in list(self.streams.values()):
