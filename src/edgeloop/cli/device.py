@@ -286,17 +286,20 @@ def deployments(
 @one_line_errors
 def restart(name: str, root: RootOption) -> None:
     """Restart a component (and its HARD dependents)."""
-    with ControlClient(root, timeout=120) as client:
-        result = client.call("restart", name=name)
-    console.print(f"{name}: {result['state']}")
+    _component_request("restart", name, root)
 
 
 @app.command()
 @one_line_errors
 def stop(name: str, root: RootOption) -> None:
     """Stop a component until it is restarted or redeployed."""
+    _component_request("stop", name, root)
+
+
+def _component_request(op: str, name: str, root: Path) -> None:
+    # Shutdown scripts and grace periods can take a while: a generous timeout.
     with ControlClient(root, timeout=120) as client:
-        result = client.call("stop", name=name)
+        result = client.call(op, name=name)
     console.print(f"{name}: {result['state']}")
 
 

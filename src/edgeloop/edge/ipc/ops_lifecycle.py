@@ -15,6 +15,7 @@ from edgeloop.edge.deployments import DeploymentRequest
 from edgeloop.edge.ipc.authz import CLI, LIFECYCLE
 from edgeloop.edge.ipc.context import IpcContext
 from edgeloop.edge.ipc.server import (
+    Handler,
     InvalidArgumentsError,
     Operation,
     ResourceNotFoundError,
@@ -89,23 +90,21 @@ def operations(ctx: IpcContext) -> list[Operation]:
             )
         return {}
 
-    async def pause(stream: Stream, body: dict[str, Any]) -> dict[str, Any]:
-        name = _name(body)
-        ctx.authorizer.check(stream.component, LIFECYCLE, "PauseComponent", name)
-        try:
-            runner(name).pause()
-        except ComponentError as err:
-            raise ServiceError(str(err)) from err
-        return {}
+    def freeze_or_thaw(operation: str, pause_it: bool) -> Handler:
+        async def handler(stream: Stream, body: dict[str, Any]) -> dict[str, Any]:
+            name = _name(body)
+            ctx.authorizer.check(stream.component, LIFECYCLE, operation, name)
+            target = runner(name)
+            try:
+                target.pause() if pause_it else target.resume()
+            except ComponentError as err:
+                raise ServiceError(str(err)) from err
+            return {}
 
-    async def resume(stream: Stream, body: dict[str, Any]) -> dict[str, Any]:
-        name = _name(body)
-        ctx.authorizer.check(stream.component, LIFECYCLE, "ResumeComponent", name)
-        try:
-            runner(name).resume()
-        except ComponentError as err:
-            raise ServiceError(str(err)) from err
-        return {}
+        return handler
+
+    pause = freeze_or_thaw("PauseComponent", pause_it=True)
+    resume = freeze_or_thaw("ResumeComponent", pause_it=False)
 
     async def restart(stream: Stream, body: dict[str, Any]) -> dict[str, Any]:
         name = _name(body)
