@@ -21,8 +21,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from tests.edge.conftest import Hub, pid_alive
 
 PUBSUB = "aws.greengrass.ipc.pubsub"
@@ -620,11 +618,6 @@ def test_a_process_with_a_wrong_token_is_refused(hub: Hub) -> None:
     assert first(wait_records(out, has("value"), hub=hub, name=name), "value") == {"ok": True}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="server.py closes the socket right after a refused CONNECT_ACK; the client then "
-    "often reports AWS_IO_SOCKET_CLOSED (AwsCrtError) instead of AccessDeniedError",
-)
 def test_a_wrong_token_is_reported_as_access_denied(hub: Hub) -> None:
     # The bug is a race the server loses about half the time: twenty tries make it show.
     outcomes = connect_with_wrong_token(hub, 10)
@@ -728,12 +721,6 @@ def test_killing_a_subscriber_mid_stream_leaves_the_others_receiving(hub: Hub) -
     assert "Traceback" not in agent_log(hub)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="process.py StepProcess.wait awaits asyncio Process.wait(), which returns only once "
-    "the stdout/stderr pipes close: a Run shell killed while its child holds them is never "
-    "seen to exit (the component stays RUNNING with pid None and is not restarted)",
-)
 def test_a_killed_run_shell_is_noticed_while_its_child_lives_on(hub: Hub) -> None:
     name = "com.example.Shell"
     # dash does not exec the last command: the Run step's pid is the shell, sleep its child.
@@ -854,11 +841,6 @@ def test_a_component_deploys_another_version_over_ipc(hub: Hub) -> None:
     assert hub.call("deployment", id=first(recs, "created"))["status"] == "SUCCEEDED"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="ops_lifecycle.create_local_deployment merges componentToConfiguration values "
-    "whole instead of reading their MERGE/RESET keys as the Greengrass nucleus does",
-)
 def test_local_deployment_configuration_uses_merge_and_reset_keys(hub: Hub) -> None:
     tmp = hub.root.parent
     deployer, target, out = "com.example.Deployer", "com.example.Tuned", tmp / "deployer"

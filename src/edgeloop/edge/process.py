@@ -122,6 +122,9 @@ class ProcessGroups:
         return killed
 
 
+EXIT_POLL = 0.25  # seconds between exit-status checks of a running step
+
+
 class StepProcess:
     """One running lifecycle script and the tasks that copy its output to the log."""
 
@@ -156,12 +159,28 @@ class StepProcess:
         # that races with the process exiting, and stop() relies on cancellation.
         try:
             async with asyncio.timeout(timeout):
-                code = await self._proc.wait()
+                code = await self._exit()
         except TimeoutError:
             await self.terminate(grace=2.0)
             return StepOutcome(self.step, timed_out=True)
         await self._finish()
         return _outcome(self.step, code)
+
+    async def _exit(self) -> int:
+        # On Python 3.11, Process.wait() returns only once the child's pipes are closed
+        # too, so a killed shell whose child still holds stdout would look alive forever.
+        # The exit status is known earlier: watch for it as well.
+        waiter = asyncio.ensure_future(self._proc.wait())
+        try:
+            while True:
+                done, _ = await asyncio.wait({waiter}, timeout=EXIT_POLL)
+                if done:
+                    return waiter.result()
+                if self._proc.returncode is not None:
+                    return self._proc.returncode
+        finally:
+            if not waiter.done():
+                waiter.cancel()
 
     async def _finish(self) -> None:
         # The pipes close when the last process holding them exits; a daemon started by a

@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from edgeloop.core.config import ConfigurationUpdate
+from edgeloop.core.config import parse_update_config_document
 from edgeloop.core.errors import ComponentError, EdgeloopError
 from edgeloop.edge.deployments import DeploymentRequest
 from edgeloop.edge.ipc.authz import CLI, LIFECYCLE
@@ -165,6 +165,11 @@ def operations(ctx: IpcContext) -> list[Operation]:
             raise InvalidArgumentsError("rootComponentsToRemove must be a list of names")
         if not isinstance(config, dict) or not all(isinstance(v, dict) for v in config.values()):
             raise InvalidArgumentsError("componentToConfiguration must map names to objects")
+        try:
+            # Each entry is a Greengrass configuration update: {"MERGE": {...}, "RESET": [...]}.
+            updates = parse_update_config_document(config, source="componentToConfiguration")
+        except EdgeloopError as err:
+            raise InvalidArgumentsError(str(err)) from err
         paths: dict[str, Path | None] = {}
         for field in ("recipeDirectoryPath", "artifactsDirectoryPath"):
             value = body.get(field)
@@ -177,7 +182,7 @@ def operations(ctx: IpcContext) -> list[Operation]:
             artifact_dir=paths["artifactsDirectoryPath"],
             merge=merge,
             remove=tuple(remove),
-            update_config={n: ConfigurationUpdate(merge=v) for n, v in config.items()},
+            update_config=updates,
             failure_handling=policy,
         )
         try:

@@ -52,6 +52,7 @@ log = logging.getLogger("edgeloop.ipc")
 
 PREFIX = "aws.greengrass#"
 WRITE_BUFFER_LIMIT = 256 * 1024  # bytes queued for one client before senders wait
+REFUSED_CLOSE_WAIT = 2.0  # seconds a refused client gets to close the connection itself
 __all__ = [
     "ComponentNotFoundError",
     "ConflictError",
@@ -213,6 +214,7 @@ class Connection:
                     if not connected:
                         connected = await self._handshake(rpc)
                         if not connected:
+                            await self._await_client_close(REFUSED_CLOSE_WAIT)
                             return
                         continue
                     await self._on_message(rpc)
@@ -226,6 +228,15 @@ class Connection:
             pass
         finally:
             await self._teardown()
+
+    async def _await_client_close(self, limit: float) -> None:
+        # After a refused CONNECT the client closes; closing first makes the official
+        # SDK report a socket error instead of its AccessDeniedError.
+        self._flush()
+        with contextlib.suppress(TimeoutError, ConnectionError, OSError):
+            async with asyncio.timeout(limit):
+                while await self.reader.read(READ_CHUNK):
+                    pass
 
     async def _handshake(self, rpc: RpcMessage) -> bool:
         if rpc.message_type is not MessageType.CONNECT:
