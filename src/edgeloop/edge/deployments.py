@@ -524,21 +524,15 @@ def specs_for(state: HubState, recipes: RecipeStore) -> dict[str, ComponentSpec]
 
 
 def _spec(recipe: Recipe, os_name: str, arch: str) -> ComponentSpec:
-    from edgeloop.core.recipe import Lifecycle
-
-    if not recipe.manifests:
-        lifecycle = Lifecycle(setenv={}, steps={})
-        artifacts: tuple[Any, ...] = ()
-    else:
-        manifest = recipe.select_manifest(os_name, arch)
-        if manifest is None:
-            raise RecipeError(
-                f"no manifest matches this hub's platform (os {os_name}, architecture {arch})",
-                source=recipe.source,
-                field="Manifests",
-            )
-        lifecycle = manifest.lifecycle
-        artifacts = manifest.artifacts
+    # The parser guarantees at least one manifest; none may fit this hub, though.
+    manifest = recipe.select_manifest(os_name, arch)
+    if manifest is None:
+        raise RecipeError(
+            f"no manifest matches this hub's platform (os {os_name}, architecture {arch})",
+            source=recipe.source,
+            field="Manifests",
+        )
+    lifecycle, artifacts = manifest.lifecycle, manifest.artifacts
     hard = tuple(n for n, d in recipe.dependencies.items() if d.hard)
     soft = tuple(n for n, d in recipe.dependencies.items() if not d.hard)
     return ComponentSpec(

@@ -35,7 +35,7 @@ from edgeloop.edge.process import (
     signal_group,
     spawn,
 )
-from edgeloop.edge.settings import AgentSettings
+from edgeloop.edge.settings import BUILTIN_COMPONENTS, AgentSettings
 from edgeloop.edge.store import HubStore
 
 log = logging.getLogger("edgeloop.supervisor")
@@ -418,18 +418,13 @@ class Supervisor:
         """True when ``name`` is a builtin, or a component that is RUNNING or FINISHED."""
         runner = self.runners.get(name)
         if runner is None:
-            return name in self._builtins()
+            return name in BUILTIN_COMPONENTS
         return runner.state in (State.RUNNING, State.FINISHED)
 
     def state_of(self, name: str) -> str:
         """The state of a component, or a word saying it is not on the hub."""
         runner = self.runners.get(name)
         return runner.state.value if runner else "not deployed"
-
-    def _builtins(self) -> set[str]:
-        from edgeloop.edge.settings import BUILTIN_COMPONENTS
-
-        return set(BUILTIN_COMPONENTS)
 
     def work_dir(self, name: str) -> Any:
         """``{work:path}``: created on first use."""
