@@ -22,23 +22,9 @@ from rich.panel import Panel
 from rich.text import Text
 
 from edgeloop.cli.device import components_table
-from edgeloop.core.errors import AgentError
-from edgeloop.edge.control import ControlClient
+from edgeloop.edge.control import ControlClient, wait_for_agent
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "components"
-
-
-def _wait_for_agent(root: Path, proc: subprocess.Popen[bytes], timeout: float = 15) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with ControlClient(root, timeout=2) as client:
-                client.call("status")
-            return
-        except AgentError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise
-            time.sleep(0.02)
 
 
 def run(seconds: float, keep: bool, console: Console) -> int:
@@ -66,7 +52,7 @@ def run(seconds: float, keep: bool, console: Console) -> int:
         stderr=open(root / "agent.stderr", "wb"),  # noqa: SIM115 (closed with the process)
     )
     try:
-        _wait_for_agent(root, agent)
+        wait_for_agent(root, agent)
         with ControlClient(root) as client:
             started = time.monotonic()
             record = client.call(

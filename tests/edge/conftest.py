@@ -14,8 +14,7 @@ from typing import Any
 
 import pytest
 
-from edgeloop.core.errors import AgentError
-from edgeloop.edge.control import ControlClient
+from edgeloop.edge.control import ControlClient, wait_for_agent
 
 FAST_RESTARTS = {
     "base_delay": 0.05,
@@ -57,15 +56,7 @@ class Hub:
             stderr=open(self.root / "agent.stderr", "ab"),  # noqa: SIM115
         )
         if wait:
-            deadline = time.monotonic() + 15
-            while True:
-                try:
-                    self.call("status")
-                    return
-                except AgentError:
-                    if self.proc.poll() is not None or time.monotonic() > deadline:
-                        raise
-                    time.sleep(0.02)
+            wait_for_agent(self.root, self.proc)
 
     def kill9(self) -> None:
         """Kill the agent the hard way."""

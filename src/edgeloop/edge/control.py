@@ -13,11 +13,14 @@ import json
 import logging
 import os
 import socket
+import subprocess
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 from edgeloop.core.errors import AgentError, EdgeloopError
+from edgeloop.edge.settings import Layout
 
 log = logging.getLogger("edgeloop.control")
 
@@ -111,7 +114,7 @@ class ControlClient:
 
     def __init__(self, root: Path, timeout: float = 30.0) -> None:
         self.root = root
-        self.path = root / "agent.sock"
+        self.path = Layout(root).control_socket
         self.timeout = timeout
         self._sock: socket.socket | None = None
         self._buf = b""
@@ -166,3 +169,29 @@ class ControlClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def wait_for_agent(
+    root: Path, proc: subprocess.Popen[bytes], *, timeout: float = 15.0
+) -> dict[str, Any]:
+    """Wait until the agent ``proc`` started for ``root`` answers; returns its status.
+
+    Raises AgentError when the process exits first or does not answer within ``timeout``.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with ControlClient(root, timeout=2) as client:
+                status: dict[str, Any] = client.call("status")
+                return status
+        except AgentError as err:
+            if proc.poll() is not None:
+                raise AgentError(
+                    f"the agent for {root} exited with code {proc.returncode} before it "
+                    f"answered (see {Layout(root).logs / 'edgeloop.log'})"
+                ) from err
+            if time.monotonic() > deadline:
+                raise AgentError(
+                    f"the agent for {root} did not answer within {timeout:g} s"
+                ) from err
+            time.sleep(0.02)

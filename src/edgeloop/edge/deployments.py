@@ -14,6 +14,7 @@ good one.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 import uuid
@@ -163,8 +164,6 @@ class Deployments:
         inflight = self.store.inflight_path
         if not inflight.exists():
             return None
-        import json
-
         doc = json.loads(inflight.read_text(encoding="utf-8"))
         deployment_id = str(doc.get("deploymentId"))
         self._update(

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import binascii
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
@@ -19,7 +18,8 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from edgeloop.core.errors import ValidationError
-from edgeloop.core.topics import validate_topic_filter, validate_topic_name
+from edgeloop.core.topics import validate_topic_name
+from edgeloop.edge.ipc import args
 from edgeloop.edge.ipc.authz import MQTT_PROXY
 from edgeloop.edge.ipc.context import IpcContext
 from edgeloop.edge.ipc.server import InvalidArgumentsError, Operation, ServiceError, Stream
@@ -83,17 +83,6 @@ class CloudLink(Protocol):
         ...
 
 
-def _topic(body: dict[str, Any], *, is_filter: bool) -> str:
-    topic = body.get("topicName")
-    if not isinstance(topic, str):
-        raise InvalidArgumentsError("topicName is required and must be a string")
-    try:
-        (validate_topic_filter if is_filter else validate_topic_name)(topic)
-    except ValidationError as err:
-        raise InvalidArgumentsError(f"topicName {topic!r}: {err.reason}") from err
-    return topic
-
-
 def _qos(body: dict[str, Any]) -> int:
     qos = body.get("qos")
     if qos is None:
@@ -107,14 +96,7 @@ def _qos(body: dict[str, Any]) -> int:
 
 def _blob(body: dict[str, Any], field: str) -> bytes | None:
     raw = body.get(field)
-    if raw is None:
-        return None
-    if not isinstance(raw, str):
-        raise InvalidArgumentsError(f"{field} must be base64 text")
-    try:
-        return base64.b64decode(raw, validate=True)
-    except (binascii.Error, ValueError) as err:
-        raise InvalidArgumentsError(f"{field} is not valid base64") from err
+    return None if raw is None else args.blob(raw, field)
 
 
 def _properties(body: dict[str, Any]) -> MqttProperties | None:
@@ -197,7 +179,7 @@ def operations(ctx: IpcContext, cloud: CloudLink | None) -> list[Operation]:
     """The AWS IoT Core MQTT operations; without ``cloud`` both refuse every call."""
 
     async def publish(stream: Stream, body: dict[str, Any]) -> dict[str, Any]:
-        topic = _topic(body, is_filter=False)
+        topic = args.topic(body, "topicName", is_filter=False)
         ctx.authorizer.check(stream.component, MQTT_PROXY, "PublishToIoTCore", topic)
         qos = _qos(body)
         payload = _blob(body, "payload") or b""
@@ -220,7 +202,7 @@ def operations(ctx: IpcContext, cloud: CloudLink | None) -> list[Operation]:
         return {}
 
     async def subscribe(stream: Stream, body: dict[str, Any]) -> dict[str, Any]:
-        topic_filter = _topic(body, is_filter=True)
+        topic_filter = args.topic(body, "topicName", is_filter=True)
         ctx.authorizer.check(stream.component, MQTT_PROXY, "SubscribeToIoTCore", topic_filter)
         qos = _qos(body)
         if cloud is None:

@@ -3,29 +3,16 @@
 from __future__ import annotations
 
 import base64
-import binascii
 from typing import Any
 
-from edgeloop.core.errors import ValidationError
 from edgeloop.core.eventstream_rpc import json_body
-from edgeloop.core.topics import validate_topic_filter, validate_topic_name
+from edgeloop.edge.ipc import args
 from edgeloop.edge.ipc.authz import PUBSUB
 from edgeloop.edge.ipc.context import IpcContext
 from edgeloop.edge.ipc.pubsub import Published, Subscription
 from edgeloop.edge.ipc.server import InvalidArgumentsError, Operation, Stream
 
 RECEIVE_MODES = ("RECEIVE_ALL_MESSAGES", "RECEIVE_MESSAGES_FROM_OTHERS")
-
-
-def _topic(body: dict[str, Any], *, is_filter: bool) -> str:
-    topic = body.get("topic")
-    if not isinstance(topic, str):
-        raise InvalidArgumentsError("topic is required and must be a string")
-    try:
-        (validate_topic_filter if is_filter else validate_topic_name)(topic)
-    except ValidationError as err:
-        raise InvalidArgumentsError(f"topic {topic!r}: {err.reason}") from err
-    return topic
 
 
 def _message(body: dict[str, Any]) -> tuple[Any, bool]:
@@ -35,11 +22,8 @@ def _message(body: dict[str, Any]) -> tuple[Any, bool]:
     if isinstance(message.get("jsonMessage"), dict):
         return message["jsonMessage"].get("message"), False
     if isinstance(message.get("binaryMessage"), dict):
-        raw = message["binaryMessage"].get("message", "")
-        try:
-            return base64.b64decode(raw or "", validate=True), True
-        except (binascii.Error, TypeError) as err:
-            raise InvalidArgumentsError("binaryMessage.message is not valid base64") from err
+        raw = message["binaryMessage"].get("message") or ""
+        return args.blob(raw, "publishMessage.binaryMessage.message"), True
     raise InvalidArgumentsError("publishMessage needs a jsonMessage or a binaryMessage")
 
 
@@ -55,14 +39,14 @@ def operations(ctx: IpcContext) -> list[Operation]:
     """The pub/sub operations."""
 
     async def publish(stream: Stream, body: dict[str, Any]) -> dict[str, Any]:
-        topic = _topic(body, is_filter=False)
+        topic = args.topic(body, "topic", is_filter=False)
         ctx.authorizer.check(stream.component, PUBSUB, "PublishToTopic", topic)
         payload, binary = _message(body)
         ctx.pubsub.publish(Published(topic, payload, binary, stream.component))
         return {}
 
     async def subscribe(stream: Stream, body: dict[str, Any]) -> dict[str, Any]:
-        topic_filter = _topic(body, is_filter=True)
+        topic_filter = args.topic(body, "topic", is_filter=True)
         mode = body.get("receiveMode") or "RECEIVE_ALL_MESSAGES"
         if mode not in RECEIVE_MODES:
             raise InvalidArgumentsError(f"receiveMode must be one of {', '.join(RECEIVE_MODES)}")

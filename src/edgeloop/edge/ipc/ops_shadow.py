@@ -13,12 +13,12 @@ resourceType ``shadow``, ShadowManager's ``SHADOW_RESOURCE_TYPE``.
 from __future__ import annotations
 
 import base64
-import binascii
 import json
 from typing import Any, NoReturn
 
 from edgeloop.core.errors import ShadowError
 from edgeloop.core.shadow import parse_payload
+from edgeloop.edge.ipc import args
 from edgeloop.edge.ipc.authz import SHADOW
 from edgeloop.edge.ipc.context import IpcContext
 from edgeloop.edge.ipc.server import (
@@ -111,12 +111,7 @@ def operations(ctx: IpcContext) -> list[Operation]:
                 f"UpdateThingShadow on {describe(thing, name)}: payload is required "
                 '(a JSON update document such as {"state": {"reported": {...}}})'
             )
-        try:
-            payload = base64.b64decode(raw, validate=True)
-        except (binascii.Error, ValueError) as err:
-            raise InvalidArgumentsError(
-                f"UpdateThingShadow on {describe(thing, name)}: payload is not valid base64"
-            ) from err
+        payload = args.blob(raw, f"UpdateThingShadow on {describe(thing, name)}: payload")
         try:
             request = parse_payload(payload)
         except ShadowError as err:
