@@ -7,9 +7,10 @@ import itertools
 import json
 import time
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
-from tests.edge.conftest import Hub, pid_alive
+from tests.edge.conftest import FAST_RESTARTS, Hub, pid_alive
 
 LOOP = "while true; do sleep 0.2; done"
 
@@ -54,7 +55,12 @@ def test_runs_a_component_with_greengrass_variables_and_environment(hub: Hub) ->
     assert awk == "{print $1}"  # not a recipe variable: left alone
 
 
-def test_crash_restarts_with_backoff_then_broken_then_retried(hub: Hub) -> None:
+def test_crash_restarts_with_backoff_then_broken_then_retried(
+    hub_factory: Callable[..., Hub],
+) -> None:
+    # Delays far above process start-up jitter, so "the backoff grows" is not a coin toss.
+    hub = hub_factory(restart={**FAST_RESTARTS, "base_delay": 0.25, "max_delay": 2.0})
+    hub.start()
     flag = hub.root.parent / "crash"
     stamps = hub.root.parent / "starts.txt"
     hub.component(

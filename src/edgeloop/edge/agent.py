@@ -36,6 +36,7 @@ from edgeloop.edge.recipes import RecipeStore
 from edgeloop.edge.settings import AgentSettings
 from edgeloop.edge.shadows import LocalShadows
 from edgeloop.edge.store import HubStore
+from edgeloop.edge.supervisor import Supervisor
 
 log = logging.getLogger("edgeloop.agent")
 
@@ -53,14 +54,8 @@ class Agent:
         self.artifacts = ArtifactStore(layout.packages)
         self.groups = ProcessGroups(self.store.state_dir / "process-groups.json")
         self.hub = self.store.load_hub()
-        from edgeloop.edge.supervisor import Supervisor
-
         self.supervisor = Supervisor(
-            settings,
-            self.store,
-            self.artifacts,
-            self.groups,
-            lambda name: self.hub.configuration.get(name, {}),
+            settings, self.store, self.artifacts, self.groups, self._configuration_of
         )
         self.events = ComponentEvents()
         self.deployments = Deployments(
@@ -77,9 +72,7 @@ class Agent:
         self.ipc = IpcServer(layout.ipc_socket, self._authenticate)
         ipc_context = IpcContext(
             settings=settings,
-            authorizer=Authorizer(
-                lambda name: self.hub.configuration.get(name, {}), settings.thing_name
-            ),
+            authorizer=Authorizer(self._configuration_of, settings.thing_name),
             pubsub=self.pubsub,
             supervisor=self.supervisor,
             deployments=self.deployments,
@@ -146,6 +139,11 @@ class Agent:
             await self.control.close()
             self.settings.layout.pid_file.unlink(missing_ok=True)
             log.info("agent stopped")
+
+    def _configuration_of(self, name: str) -> dict[str, Any]:
+        """A component's live configuration tree (read on every use: deployments replace it)."""
+        tree: dict[str, Any] = self.hub.configuration.get(name, {})
+        return tree
 
     def _authenticate(self, token: str) -> str | None:
         """The component an IPC auth token (its SVCUID) belongs to, or None."""

@@ -166,11 +166,10 @@ class Deployments:
             return None
         doc = json.loads(inflight.read_text(encoding="utf-8"))
         deployment_id = str(doc.get("deploymentId"))
-        self._update(
+        self._fail(
             deployment_id,
-            status="FAILED",
-            detailedStatus="FAILED_ROLLBACK_COMPLETE",
-            failureCause="the agent stopped while the deployment was being applied; "
+            "FAILED_ROLLBACK_COMPLETE",
+            "the agent stopped while the deployment was being applied; "
             "the hub is back on the last successful deployment",
         )
         for record in self.records:
@@ -190,12 +189,12 @@ class Deployments:
                 await self._execute(deployment_id, request)
             except Exception as err:  # the queue must survive anything one deployment does
                 log.exception("deployment %s crashed", deployment_id)
-                self._update(
-                    deployment_id,
-                    status="FAILED",
-                    detailedStatus="FAILED_NO_STATE_CHANGE",
-                    failureCause=f"internal error: {err}",
-                )
+                self._fail(deployment_id, "FAILED_NO_STATE_CHANGE", f"internal error: {err}")
+
+    def _fail(self, deployment_id: str, detailed: str, cause: str, **more: Any) -> None:
+        self._update(
+            deployment_id, status="FAILED", detailedStatus=detailed, failureCause=cause, **more
+        )
 
     # -- one deployment ---------------------------------------------------------------
     async def _execute(self, deployment_id: str, request: DeploymentRequest) -> None:
@@ -204,12 +203,7 @@ class Deployments:
             # Reading recipes and staging artifacts block on disk: keep the loop free.
             plan = await asyncio.to_thread(self.prepare, deployment_id, request)
         except EdgeloopError as err:
-            self._update(
-                deployment_id,
-                status="FAILED",
-                detailedStatus="FAILED_NO_STATE_CHANGE",
-                failureCause=str(err),
-            )
+            self._fail(deployment_id, "FAILED_NO_STATE_CHANGE", str(err))
             return
         for name, runner in self.supervisor.runners.items():
             if name in plan.specs and runner.state is State.BROKEN:
@@ -218,12 +212,7 @@ class Deployments:
         if self.events is not None:
             refusal = await self._ask_components(deployment_id, plan, request)
             if refusal:
-                self._update(
-                    deployment_id,
-                    status="FAILED",
-                    detailedStatus="FAILED_NO_STATE_CHANGE",
-                    failureCause=refusal,
-                )
+                self._fail(deployment_id, "FAILED_NO_STATE_CHANGE", refusal)
                 return
         previous = self.hub.copy()
         write_json_atomic(
@@ -250,13 +239,7 @@ class Deployments:
         else:
             detailed = "FAILED_ROLLBACK_NOT_REQUESTED"
         self.store.inflight_path.unlink(missing_ok=True)
-        self._update(
-            deployment_id,
-            status="FAILED",
-            detailedStatus=detailed,
-            failureCause=failure,
-            components=components,
-        )
+        self._fail(deployment_id, detailed, failure, components=components)
 
     def prepare(self, deployment_id: str, request: DeploymentRequest) -> Plan:
         """Validate and resolve a request into a plan; changes nothing on error."""

@@ -16,23 +16,33 @@ class RecipeStore:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.path.mkdir(parents=True, exist_ok=True)
+        # Versions are immutable, so a recipe parsed once stays right: every deployment
+        # resolves over all stored recipes and must not re-read and re-parse them all.
+        self._parsed: dict[tuple[str, str], Recipe] = {}
 
     def _file(self, name: str, version: str) -> Path:
         return self.path / f"{name}@{version}.json"
 
     def get(self, name: str, version: str) -> Recipe | None:
         """The stored recipe of one version, or None."""
+        cached = self._parsed.get((name, version))
+        if cached is not None:
+            return cached
         file = self._file(name, version)
         if not file.exists():
             return None
-        return parse_recipe(file.read_text(encoding="utf-8"), source=str(file), fmt="json")
+        recipe = parse_recipe(file.read_text(encoding="utf-8"), source=str(file), fmt="json")
+        self._parsed[(name, version)] = recipe
+        return recipe
 
     def all(self) -> dict[tuple[str, str], Recipe]:
         """Every stored recipe, by (name, version)."""
         out: dict[tuple[str, str], Recipe] = {}
         for file in sorted(self.path.glob("*.json")):
-            recipe = parse_recipe(file.read_text(encoding="utf-8"), source=str(file), fmt="json")
-            out[(recipe.name, str(recipe.version))] = recipe
+            name, _, version = file.stem.rpartition("@")
+            recipe = self.get(name, version)
+            if recipe is not None:
+                out[(recipe.name, str(recipe.version))] = recipe
         return out
 
     def check_immutable(self, recipe: Recipe) -> None:
@@ -49,10 +59,12 @@ class RecipeStore:
     def save(self, recipe: Recipe) -> None:
         """Store a recipe (idempotent for identical content)."""
         write_json_atomic(self._file(recipe.name, str(recipe.version)), dict(recipe.raw))
+        self._parsed.pop((recipe.name, str(recipe.version)), None)
 
     def remove(self, name: str, version: str) -> None:
         """Forget one version's recipe."""
         self._file(name, version).unlink(missing_ok=True)
+        self._parsed.pop((name, version), None)
 
 
 def _canonical(raw: object) -> str:

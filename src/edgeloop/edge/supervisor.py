@@ -18,6 +18,7 @@ import signal
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from edgeloop.core.errors import ComponentError
@@ -145,11 +146,7 @@ class ComponentRunner:
     async def stop(self) -> None:
         """Stop the component: Shutdown script, then SIGTERM, then SIGKILL its group."""
         task, self._task = self._task, None
-        while task is not None and not task.done():
-            # Cancel until it ends: a cancellation that races with a completing await can
-            # be absorbed on Python 3.11, and a component must never outlive its stop.
-            task.cancel()
-            await asyncio.wait({task}, timeout=0.5)
+        await _end(task)
         was_started = self._proc is not None
         self._set(Event.STOP)
         if was_started and StepName.SHUTDOWN in self.spec.lifecycle.steps:
@@ -186,9 +183,7 @@ class ComponentRunner:
     async def _after_reported_error(
         self, task: asyncio.Task[None] | None, outcome: StepOutcome
     ) -> None:
-        while task is not None and not task.done():
-            task.cancel()
-            await asyncio.wait({task}, timeout=0.5)
+        await _end(task)
         await self._lifecycle(outcome)
 
     def pause(self) -> None:
@@ -320,9 +315,10 @@ class ComponentRunner:
     async def _spawn(self, step: StepName) -> StepProcess | StepOutcome:
         spec = self.spec.lifecycle.steps[step]
         try:
-            script = self._sup.interpolate(self.spec, spec.script)
-            env = self._sup.environment(self, dict(spec.setenv))
-            cwd = self._sup.work_dir(self.name)
+            ctx = self._sup.interpolation_context(self.spec)
+            script = interpolate(spec.script, ctx)
+            env = self._sup.environment(self, spec.setenv, ctx)
+            cwd = Path(ctx.work_path)
             proc = await spawn(
                 step.value,
                 script,
@@ -390,6 +386,17 @@ class ComponentRunner:
         }
 
 
+async def _end(task: asyncio.Task[None] | None) -> None:
+    """Cancel a lifecycle task until it has ended.
+
+    Cancel again and again: a cancellation that races with a completing await can be
+    absorbed on Python 3.11, and a component must never outlive its stop.
+    """
+    while task is not None and not task.done():
+        task.cancel()
+        await asyncio.wait({task}, timeout=0.5)
+
+
 StateListener = Callable[[str, State, State], None]
 
 
@@ -426,14 +433,14 @@ class Supervisor:
         runner = self.runners.get(name)
         return runner.state.value if runner else "not deployed"
 
-    def work_dir(self, name: str) -> Any:
+    def work_dir(self, name: str) -> Path:
         """``{work:path}``: created on first use."""
         path = self.settings.layout.work / name
         path.mkdir(parents=True, exist_ok=True)
         return path
 
-    def interpolate(self, spec: ComponentSpec, text: str) -> str:
-        """Resolve recipe variables in one of ``spec``'s scripts or values."""
+    def interpolation_context(self, spec: ComponentSpec) -> InterpolationContext:
+        """What recipe variables in ``spec``'s scripts and values resolve to, right now."""
         visible = {spec.name, *spec.hard_deps, *spec.soft_deps}
         artifacts: dict[str, str] = {}
         decompressed: dict[str, str] = {}
@@ -446,7 +453,7 @@ class Supervisor:
                 artifacts[name] = str(paths.path)
                 decompressed[name] = str(paths.decompressed_path)
             configuration[name] = self._configuration(name)
-        ctx = InterpolationContext(
+        return InterpolationContext(
             component=spec.name,
             artifacts_path=artifacts,
             decompressed_path=decompressed,
@@ -456,9 +463,10 @@ class Supervisor:
             configuration=configuration,
             visible=frozenset(visible),
         )
-        return interpolate(text, ctx)
 
-    def environment(self, runner: ComponentRunner, step_env: Mapping[str, str]) -> dict[str, str]:
+    def environment(
+        self, runner: ComponentRunner, step_env: Mapping[str, str], ctx: InterpolationContext
+    ) -> dict[str, str]:
         """The environment Greengrass gives a component's scripts, plus its Setenv."""
         settings = self.settings
         env = dict(os.environ)
@@ -478,7 +486,7 @@ class Supervisor:
             }
         )
         for key, value in {**runner.spec.lifecycle.setenv, **step_env}.items():
-            env[key] = self.interpolate(runner.spec, value)
+            env[key] = interpolate(value, ctx)
         return env
 
     def state_changed(self, runner: ComponentRunner, old: State, new: State) -> None:
