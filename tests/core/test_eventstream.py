@@ -677,3 +677,28 @@ def test_official_greengrass_v2_client_connects_publishes_and_subscribes(
     # content type or model type.
     close = server.seen[4]
     assert close.terminates_stream and close.payload == b"" and close.model_type is None
+
+
+@given(
+    stream_id=st.integers(min_value=1, max_value=2**31 - 1),
+    model=st.text(min_size=1, max_size=60),
+    payload=st.binary(max_size=200),
+    terminate=st.booleans(),
+    operation=st.sampled_from(["", "aws.greengrass#PublishToTopic"]),
+)
+def test_templated_application_frames_decode_like_built_ones(
+    stream_id: int, model: str, payload: bytes, terminate: bool, operation: str
+) -> None:
+    from edgeloop.core.eventstream_rpc import application_message, encode_application_message
+
+    fast = decode(
+        encode_application_message(
+            stream_id, model, payload, terminate=terminate, operation=operation
+        )
+    )
+    built = application_message(stream_id, model, payload, terminate=terminate)
+    expected = dict(built.headers)
+    if operation:
+        expected["operation"] = operation
+    assert dict(fast.headers) == expected
+    assert fast.payload == payload

@@ -151,6 +151,7 @@ _SIZED_BY_TYPE: Final[dict[HeaderType, Callable[[int], HeaderValue]]] = {
     cls.header_type: cls for cls in (Int8, Int16, Int32, Int64, Timestamp)
 }
 _I32: Final = struct.Struct(">i")
+_PRELUDE_HEAD: Final = struct.Struct(">II")
 _SIZED_CLASSES: Final[dict[HeaderType, type[_SizedInt]]] = {
     cls.header_type: cls for cls in (Int8, Int16, Int32, Int64, Timestamp)
 }
@@ -248,25 +249,36 @@ def _encode_header(out: bytearray, name: str, value: HeaderValue) -> None:
     out += cached
 
 
+def encode_headers(headers: Mapping[str, HeaderValue]) -> bytes:
+    """The headers section of a frame, in the order given."""
+    out = bytearray()
+    for name, value in headers.items():
+        _encode_header(out, name, value)
+    return bytes(out)
+
+
 def encode(message: Message, *, max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE) -> bytes:
     """Encode one message as a frame; FrameError if it breaks a size limit of the format."""
-    headers = bytearray()
-    for name, value in message.headers.items():
-        _encode_header(headers, name, value)
+    return encode_frame(
+        encode_headers(message.headers), message.payload, max_message_size=max_message_size
+    )
+
+
+def encode_frame(
+    headers: bytes, payload: bytes, *, max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
+) -> bytes:
+    """A frame around an already encoded headers section and a payload."""
     if len(headers) > MAX_HEADERS_SIZE:
         raise FrameError(f"headers take {len(headers)} bytes; the limit is {MAX_HEADERS_SIZE}")
-    total = PRELUDE_LENGTH + len(headers) + len(message.payload) + TRAILER_LENGTH
+    total = PRELUDE_LENGTH + len(headers) + len(payload) + TRAILER_LENGTH
     if total > max_message_size:
         raise FrameError(
             f"message would be {total} bytes; the limit is {max_message_size} "
             "(send a smaller payload)"
         )
-    frame = bytearray(_PRELUDE.pack(total, len(headers), 0))
-    _U32.pack_into(frame, 8, zlib.crc32(frame[:8]))
-    frame += headers
-    frame += message.payload
-    frame += _U32.pack(zlib.crc32(frame))
-    return bytes(frame)
+    prelude = _PRELUDE_HEAD.pack(total, len(headers))
+    frame = b"".join((prelude, _U32.pack(zlib.crc32(prelude)), headers, payload))
+    return frame + _U32.pack(zlib.crc32(frame))
 
 
 _TYPE_BY_CODE: Final[dict[int, HeaderType]] = {int(t): t for t in HeaderType}
@@ -306,7 +318,7 @@ def _decode_headers(block: memoryview) -> dict[str, HeaderValue]:
         if kind is HeaderType.INT32:
             if pos + 4 > end:
                 raise FrameError(f"headers section ends inside the value of header {name!r}")
-            value = _fast_sized(Int32, _I32.unpack_from(raw_block, pos)[0])
+            value = int.__new__(Int32, _I32.unpack_from(raw_block, pos)[0])  # in range by width
             pos += 4
         elif kind is HeaderType.STRING or kind is HeaderType.BYTE_BUF:
             if pos + 2 > end:

@@ -12,14 +12,22 @@ Header names are matched case-insensitively on input, as the AWS C and Python cl
 
 from __future__ import annotations
 
+import functools
 import json
+import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import IntEnum, IntFlag
 from typing import Any, Final
 
 from edgeloop.core.errors import EdgeloopError
-from edgeloop.core.eventstream import HeaderValue, Int32, Message
+from edgeloop.core.eventstream import (
+    HeaderValue,
+    Int32,
+    Message,
+    encode_frame,
+    encode_headers,
+)
 
 __all__ = [
     "CONTENT_TYPE",
@@ -60,6 +68,7 @@ CONTENT_TYPE_JSON: Final = "application/json"
 PROTOCOL_VERSION: Final = "0.1.0"
 
 _MAX_STREAM_ID: Final = 2**31 - 1
+_I32: Final = struct.Struct(">i")
 
 
 class ProtocolError(EdgeloopError):
@@ -87,6 +96,8 @@ class MessageFlag(IntFlag):
     TERMINATE_STREAM = 0x2
 
 
+_MESSAGE_TYPES: Final = {int(t): t for t in MessageType}
+_FLAGS: Final = {int(f): f for f in (MessageFlag(v) for v in range(4))}
 _STREAM_TYPES: Final = frozenset({MessageType.APPLICATION_MESSAGE, MessageType.APPLICATION_ERROR})
 
 
@@ -161,10 +172,9 @@ def parse(message: Message) -> RpcMessage:
     raw_type = _int32(lowered, MESSAGE_TYPE)
     raw_flags = _int32(lowered, MESSAGE_FLAGS)
     stream_id = _int32(lowered, STREAM_ID)
-    try:
-        message_type = MessageType(raw_type)
-    except ValueError as err:
-        raise ProtocolError(f"{MESSAGE_TYPE} {raw_type} is not a known message type") from err
+    message_type = _MESSAGE_TYPES.get(raw_type)  # a table: enum calls cost on the hot path
+    if message_type is None:
+        raise ProtocolError(f"{MESSAGE_TYPE} {raw_type} is not a known message type")
     if stream_id < 0:
         raise ProtocolError(f"{STREAM_ID} {stream_id} is negative")
     if (stream_id == 0) == (message_type in _STREAM_TYPES):
@@ -173,10 +183,13 @@ def parse(message: Message) -> RpcMessage:
             f"{message_type.name} cannot travel on {where}: application messages and errors "
             "use stream ids from 1, every other type uses stream id 0"
         )
+    flags = _FLAGS.get(raw_flags)
+    if flags is None:
+        flags = MessageFlag(raw_flags & 0xFFFFFFFF)
     return RpcMessage(
         message_type=message_type,
         # Unknown bits are kept rather than refused: the C runtime ignores them too.
-        flags=MessageFlag(raw_flags & 0xFFFFFFFF),
+        flags=flags,
         stream_id=stream_id,
         payload=message.payload,
         operation=_string(lowered, OPERATION),
@@ -242,6 +255,39 @@ def application_message(
     headers[CONTENT_TYPE] = CONTENT_TYPE_JSON
     headers[SERVICE_MODEL_TYPE] = model_type
     return Message(headers, payload)
+
+
+@functools.lru_cache(maxsize=1024)
+def _application_headers(model_type: str, flags: int, message_type: int, operation: str) -> bytes:
+    # Everything but the stream id, which is encoded last so it can be appended.
+    headers: dict[str, HeaderValue] = {}
+    if operation:
+        headers[OPERATION] = operation
+    headers[CONTENT_TYPE] = CONTENT_TYPE_JSON
+    headers[SERVICE_MODEL_TYPE] = model_type
+    headers[MESSAGE_TYPE] = Int32(message_type)
+    headers[MESSAGE_FLAGS] = Int32(flags)
+    headers[STREAM_ID] = Int32(0)
+    return encode_headers(headers)[:-4]
+
+
+def encode_application_message(
+    stream_id: int,
+    model_type: str,
+    payload: bytes,
+    *,
+    terminate: bool = False,
+    operation: str = "",
+) -> bytes:
+    """The frame of ``application_message`` (plus ``operation`` for a request), built from
+    a cached headers template: requests, responses and events are the hot path."""
+    if not 1 <= stream_id <= _MAX_STREAM_ID:
+        raise ValueError(f"application messages need a stream id in 1..{_MAX_STREAM_ID}")
+    flags = MessageFlag.TERMINATE_STREAM if terminate else MessageFlag.NONE
+    prefix = _application_headers(
+        model_type, int(flags), int(MessageType.APPLICATION_MESSAGE), operation
+    )
+    return encode_frame(prefix + _I32.pack(stream_id), payload)
 
 
 def application_error(stream_id: int, model_type: str, message: str, **fields: Any) -> Message:

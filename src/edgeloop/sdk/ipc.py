@@ -47,19 +47,16 @@ from typing import Any, Final, Generic, Literal, Self, TypeVar
 
 from edgeloop.core.eventstream import Decoder, FrameError, HeaderValue, Int32, Message, encode
 from edgeloop.core.eventstream_rpc import (
-    CONTENT_TYPE,
-    CONTENT_TYPE_JSON,
     MESSAGE_FLAGS,
     MESSAGE_TYPE,
-    OPERATION,
     PROTOCOL_VERSION,
-    SERVICE_MODEL_TYPE,
     STREAM_ID,
     VERSION,
     MessageFlag,
     MessageType,
     ProtocolError,
     RpcMessage,
+    encode_application_message,
     json_body,
     parse,
     ping_response,
@@ -148,14 +145,6 @@ def _connect_message(token: str) -> Message:
     headers = _rpc_headers(MessageType.CONNECT, MessageFlag.NONE, 0)
     headers[VERSION] = PROTOCOL_VERSION
     return Message(headers, json.dumps({"authToken": token}).encode("utf-8"))
-
-
-def _request_message(stream_id: int, operation: str, body: Mapping[str, Any]) -> Message:
-    headers = _rpc_headers(MessageType.APPLICATION_MESSAGE, MessageFlag.NONE, stream_id)
-    headers[CONTENT_TYPE] = CONTENT_TYPE_JSON
-    headers[SERVICE_MODEL_TYPE] = f"{PREFIX}{operation}Request"
-    headers[OPERATION] = PREFIX + operation
-    return Message(headers, json_body(body))
 
 
 def _terminate_message(stream_id: int) -> Message:
@@ -745,7 +734,12 @@ class IpcClient:
             raise IpcConnectionError(
                 f"{operation}: this connection has used every stream id; connect again"
             )
-        frame = encode(_request_message(self._last_stream_id + 1, operation, request))
+        frame = encode_application_message(
+            self._last_stream_id + 1,
+            f"{PREFIX}{operation}Request",
+            json_body(request),
+            operation=PREFIX + operation,
+        )
         # Ids must reach the agent in order: take the id and write with no await between.
         self._last_stream_id += 1
         stream_id = self._last_stream_id

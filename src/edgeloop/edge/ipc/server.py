@@ -29,8 +29,8 @@ from edgeloop.core.eventstream_rpc import (
     ProtocolError,
     RpcMessage,
     application_error,
-    application_message,
     connect_ack,
+    encode_application_message,
     json_body,
     parse,
     parse_connect,
@@ -99,7 +99,9 @@ class Stream:
         if self.closed:
             raise ConnectionError("stream closed")
         payload = body if isinstance(body, bytes) else json_body(body)
-        await self.connection.send(application_message(self.stream_id, PREFIX + model, payload))
+        await self.connection.send_frame(
+            encode_application_message(self.stream_id, PREFIX + model, payload)
+        )
 
     async def close(self) -> None:
         """End the stream from the server's side."""
@@ -315,11 +317,11 @@ class Connection:
         if stream.closed:
             return
         with contextlib.suppress(ConnectionError, OSError):
-            await self.send(
-                application_message(
+            await self.send_frame(
+                encode_application_message(
                     stream.stream_id,
                     operation.response_model,
-                    json_body(response),
+                    json_body(response) if response else b"{}",
                     terminate=not operation.streaming,
                 )
             )
