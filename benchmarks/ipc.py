@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import socket
 import subprocess
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -130,8 +131,12 @@ def build(seq, size):
     return {"seq": seq, "t": t, "pad": "x" * max(pad, 0)}
 
 
+CPU_START = [0.0]  # process CPU time when the measured part of this peer's work began
+
+
 def write_json(path, data):
     tmp = path + ".tmp"
+    data = {**data, "cpu_s": time.process_time() - CPU_START[0]}
     Path(tmp).write_text(json.dumps(data))
     os.replace(tmp, path)  # the harness never reads half a file
 
@@ -148,6 +153,7 @@ class Recorder:
     """What a subscriber heard: latencies of measured messages, and when the last came."""
 
     def __init__(self, warmup):
+        CPU_START[0] = time.process_time()  # subscribed: from here on it only listens
         self.warmup = warmup
         self.latencies = []
         self.last = 0
@@ -182,6 +188,7 @@ def delay(first, index, rate):
 
 def publish_all(args, send, flush):
     wait_for(args.go)
+    CPU_START[0] = time.process_time()
     for seq in range(args.warmup):
         send(build(seq, args.size))
     flush()
@@ -391,6 +398,9 @@ class Outcome:
     p99_ms: float
     ended: int  # subscribers that saw the end marker (the others gave up after IDLE)
     client_dropped: int  # edgeloop's client queue only; the agent's drops show as lost
+    cpu_publisher: float = 0.0  # CPU seconds while measuring (warm-up included)
+    cpu_subscribers: float = 0.0
+    cpu_server: float = 0.0  # the agent, or Mosquitto
 
     @property
     def lost(self) -> int:
@@ -409,7 +419,11 @@ class Outcome:
         lost = f"{self.lost} lost" + (
             f" ({self.client_dropped} in the client's own queue)" if self.client_dropped else ""
         )
-        return f"{rate}; latency p50 {self.p50_ms:.2f} ms, p99 {self.p99_ms:.2f} ms; {lost}"
+        cpu = (
+            f"CPU s: publisher {self.cpu_publisher:.2f}, subscribers "
+            f"{self.cpu_subscribers:.2f}, server {self.cpu_server:.2f}"
+        )
+        return f"{rate}; latency p50 {self.p50_ms:.2f} ms, p99 {self.p99_ms:.2f} ms; {lost}; {cpu}"
 
 
 def _median(values: Sequence[float]) -> float:
@@ -445,6 +459,8 @@ def reduce(publisher: dict[str, Any], subscribers: list[dict[str, Any]]) -> Outc
         p99_ms=_percentile(latencies, 99) / 1e6,
         ended=sum(1 for sub in subscribers if sub["ended"]),
         client_dropped=sum(sub.get("client_dropped", 0) for sub in subscribers),
+        cpu_publisher=publisher.get("cpu_s", 0.0),
+        cpu_subscribers=sum(sub.get("cpu_s", 0.0) for sub in subscribers),
     )
 
 
@@ -484,18 +500,26 @@ class Run:
             args.append(f"--ready={ready}")
         return args
 
-    def start_and_collect(self, alive: Any, explain: Any) -> Outcome:
+    def start_and_collect(self, alive: Any, explain: Any, server_pid: int) -> Outcome:
         """Once the peers are started: wait for the subscribers, say go, read the results.
 
         ``alive()`` raises when a process the run depends on has died; ``explain()`` is
         what to add to an error (logs).
         """
         _wait_files(self.readies, alive, explain, "subscribers ready")
+        server_cpu = _cpu_seconds(server_pid)
         self.go.touch()
         _wait_files([self.pub_out, *self.sub_outs], alive, explain, "results")
+        server_cpu = _cpu_seconds(server_pid) - server_cpu
         publisher = json.loads(self.pub_out.read_text())
         subscribers = [json.loads(path.read_text()) for path in self.sub_outs]
-        return reduce(publisher, subscribers)
+        return replace(reduce(publisher, subscribers), cpu_server=server_cpu)
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _wait_files(paths: list[Path], alive: Any, explain: Any, what: str) -> None:
@@ -580,7 +604,7 @@ def run_mqtt(ws: Workspace, broker: Broker, scenario: Scenario, peer: Path) -> O
     def explain() -> str:
         return "\npeers:\n" + logs.read_text(errors="replace")[-1500:]
 
-    outcome = run.start_and_collect(alive, explain)
+    outcome = run.start_and_collect(alive, explain, broker.proc.pid)
     for proc in procs:
         proc.wait(TIMEOUT)
     return outcome
@@ -616,7 +640,8 @@ def run_ipc(ws: Workspace, scenario: Scenario, peer: Path) -> Outcome:
         return "".join(text)
 
     try:
-        return run.start_and_collect(alive, explain)
+        assert hub.proc is not None
+        return run.start_and_collect(alive, explain, hub.proc.pid)
     finally:
         hub.stop()
 
@@ -721,6 +746,10 @@ def run(out: SuiteResult) -> None:
         "Unpaced rows measure throughput; their latency is mostly time spent queued behind "
         "the backlog, and an unpaced QoS 0 publisher builds the longest one. The paced rows "
         "(a fixed rate well under every transport's maximum) measure latency without it.",
+        "CPU s: CPU seconds each side used for the measured traffic (warm-up included): "
+        "the publisher process, all subscriber processes, and the server (the agent, or "
+        "Mosquitto). On this 2-core box, a side near the run's duration is the bottleneck: "
+        "the official client's publisher spends far more CPU per message than the agent.",
         f"Each IPC row runs on a fresh agent (publisher and subscribers deployed as "
         f"components); Mosquitto ({version}) runs on loopback with persistence off, its "
         "clients as plain processes on the same interpreter.",

@@ -22,6 +22,7 @@ from edgeloop.core.topics import TopicTrie
 log = logging.getLogger("edgeloop.ipc.pubsub")
 
 DEFAULT_QUEUE_LIMIT = 1024
+MATCH_CACHE_LIMIT = 4096
 
 
 @dataclass
@@ -94,11 +95,15 @@ class PubSub:
 
     def __init__(self) -> None:
         self._trie: TopicTrie[Subscription] = TopicTrie()
+        # Topics repeat (a sensor publishes on the same few): remember who matched, until
+        # the subscriptions change.
+        self._matches: dict[str, list[Subscription]] = {}
         self.published = 0
 
     def subscribe(self, subscription: Subscription) -> Subscription:
         """Start delivering to a subscription."""
         self._trie.add(subscription.topic_filter, subscription)
+        self._matches.clear()
         subscription._task = asyncio.get_running_loop().create_task(
             subscription._drain(), name=f"pubsub:{subscription.component}"
         )
@@ -107,6 +112,7 @@ class PubSub:
     async def unsubscribe(self, subscription: Subscription) -> None:
         """Stop delivering to a subscription and end its task."""
         self._trie.remove(subscription.topic_filter, subscription)
+        self._matches.clear()
         task, subscription._task = subscription._task, None
         if task is not None:
             task.cancel()
@@ -116,7 +122,12 @@ class PubSub:
     def publish(self, message: Published) -> int:
         """Offer a message to every matching subscription; returns how many matched."""
         self.published += 1
-        matched = self._trie.match(message.topic)
+        matched = self._matches.get(message.topic)
+        if matched is None:
+            matched = self._trie.match(message.topic)
+            if len(self._matches) >= MATCH_CACHE_LIMIT:
+                self._matches.clear()
+            self._matches[message.topic] = matched
         for subscription in matched:
             subscription.offer(message)
         return len(matched)
