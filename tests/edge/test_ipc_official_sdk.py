@@ -449,6 +449,58 @@ def test_component_defers_an_update_and_the_deployment_waits(hub: Hub) -> None:
     assert hub.components()[name]["version"] == "2.0.0"
 
 
+# -- 4b. configuration validation ----------------------------------------------------------
+VALIDATOR = """
+from awsiot.greengrasscoreipc.model import ConfigurationValidityReport
+
+out = sys.argv[1]
+client = GreengrassCoreIPCClientV2()
+
+
+def on_event(event):
+    update = event.validate_configuration_update_event
+    level = update.configuration.get("level", 0)
+    accepted = level <= 10
+    emit(out, asked=update.deployment_id, level=level)
+    report = ConfigurationValidityReport(
+        status="ACCEPTED" if accepted else "REJECTED",
+        deployment_id=update.deployment_id,
+        message="" if accepted else f"level {level} is above the safe limit 10",
+    )
+    client.send_configuration_validity_report(configuration_validity_report=report)
+
+
+client.subscribe_to_validate_configuration_updates(on_stream_event=on_event)
+emit(out, ready=True)
+idle()
+"""
+
+
+def test_a_deployment_waits_for_the_components_validity_report(hub: Hub) -> None:
+    tmp = hub.root.parent
+    name, out = "com.example.Guarded", tmp / "guarded"
+    python_component(hub, name, VALIDATOR, out, config={"level": 1})
+    deployed(hub, merge={name: "1.0.0"})
+    wait_records(out, lambda recs: {"ready": True} in recs, hub=hub, name=name)
+
+    # A short validation timeout: a silent component would let the deployment through.
+    rejected = hub.deploy(updateConfig={name: {"MERGE": {"level": 20}}}, validationTimeout=5)
+    assert rejected["status"] == "FAILED"
+    assert rejected["detailedStatus"] == "FAILED_NO_STATE_CHANGE"
+    assert "level 20 is above the safe limit 10" in rejected["failureCause"]
+    assert hub.components()[name]["configuration"] == {"level": 1}
+
+    accepted = deployed(hub, updateConfig={name: {"MERGE": {"level": 5}}})
+    assert hub.components()[name]["configuration"] == {"level": 5}
+    recs = wait_records(
+        out,
+        lambda recs: any(r.get("asked") == accepted["deploymentId"] for r in recs),
+        hub=hub,
+        name=name,
+    )
+    assert [r["level"] for r in recs if "asked" in r] == [20, 5]
+
+
 # -- 5. pause and resume -------------------------------------------------------------------
 COUNTER = """
 out = sys.argv[1]
