@@ -494,6 +494,9 @@ def test_slow_subscriber_does_not_stall_a_fast_one(sock_dir: Path) -> None:
             assert [m.payload for m in await take(lazy, 100)] == list(range(total - 100, total))
             dropped = sorted(s.dropped for s in hub.pubsub._trie.match(topic))
             assert dropped[:2] == [0, 0] and dropped[2] > 0  # the raw one never reads
+            stats = hub.pubsub.stats()
+            assert stats["dropped"] == dropped[2]
+            assert stats["published"] >= total and stats["subscriptions"] == 3
         raw_writer.close()
         del raw_reader
 

@@ -78,6 +78,13 @@ def status(root: RootOption, as_json: JsonOption = False) -> None:
     console.print(f"agent {result['version']}, pid {result['pid']}, up {_ago(result['startedAt'])}")
     console.print(f"deployment {result['deploymentId'] or '(none yet)'}")
     console.print(f"components: {counts}")
+    ipc = result.get("ipc") or {}
+    if ipc:
+        console.print(
+            f"ipc: {ipc['connections']} connection(s), {ipc['subscriptions']} subscription(s), "
+            f"{ipc['published']} published, {ipc['pending']} queued, "
+            f"{ipc['dropped']} dropped for slow subscribers, {ipc['deniedCalls']} denied call(s)"
+        )
 
 
 @app.command()

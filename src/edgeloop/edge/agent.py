@@ -70,9 +70,10 @@ class Agent:
         self.pubsub = PubSub()
         self.shadows = LocalShadows(self.store.state_dir / "shadows")
         self.ipc = IpcServer(layout.ipc_socket, self._authenticate)
+        self.ipc_authorizer = Authorizer(self._configuration_of, settings.thing_name)
         ipc_context = IpcContext(
             settings=settings,
-            authorizer=Authorizer(self._configuration_of, settings.thing_name),
+            authorizer=self.ipc_authorizer,
             pubsub=self.pubsub,
             supervisor=self.supervisor,
             deployments=self.deployments,
@@ -166,6 +167,11 @@ class Agent:
             "deploymentId": self.hub.deployment_id,
             "roots": self.hub.roots,
             "components": counts,
+            "ipc": {
+                "connections": len(self.ipc.connections),
+                "deniedCalls": self.ipc_authorizer.denied,
+                **self.pubsub.stats(),
+            },
         }
 
     async def _op_components(self, _: dict[str, Any]) -> list[dict[str, Any]]:

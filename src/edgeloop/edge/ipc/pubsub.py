@@ -99,6 +99,7 @@ class PubSub:
         # the subscriptions change.
         self._matches: dict[str, list[Subscription]] = {}
         self.published = 0
+        self._retired_dropped = 0  # what ended subscriptions had dropped
 
     def subscribe(self, subscription: Subscription) -> Subscription:
         """Start delivering to a subscription."""
@@ -111,7 +112,8 @@ class PubSub:
 
     async def unsubscribe(self, subscription: Subscription) -> None:
         """Stop delivering to a subscription and end its task."""
-        self._trie.remove(subscription.topic_filter, subscription)
+        if self._trie.remove(subscription.topic_filter, subscription):
+            self._retired_dropped += subscription.dropped
         self._matches.clear()
         task, subscription._task = subscription._task, None
         if task is not None:
@@ -131,3 +133,13 @@ class PubSub:
         for subscription in matched:
             subscription.offer(message)
         return len(matched)
+
+    def stats(self) -> dict[str, int]:
+        """Counters for `edgeloop device status`: traffic, subscriptions, drops."""
+        live = [subscription for _, subscription in self._trie.filters()]
+        return {
+            "published": self.published,
+            "subscriptions": len(live),
+            "pending": sum(s.pending for s in live),
+            "dropped": self._retired_dropped + sum(s.dropped for s in live),
+        }
