@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 # Debian packages the test suite and benchmarks start on loopback.
-SYSTEM_PACKAGES := mosquitto
+SYSTEM_PACKAGES := mosquitto postgresql
 STAMP := $(VENV)/.installed
 
 .PHONY: setup system-packages test lint format typecheck unit bench demo clean
