@@ -9,7 +9,12 @@
     ├── DeploymentError            a deployment could not be applied
     ├── ComponentError             a component is unknown or in the wrong state
     ├── AgentError                 the hub's agent is unreachable or answered with an error
-    └── ShadowError                a device shadow request was rejected (AWS code + message)
+    ├── ShadowError                a device shadow request was rejected (AWS code + message)
+    ├── NotFoundError              a named resource (thing, group, certificate, ...) does not exist
+    ├── ConflictError              the request clashes with what exists (a duplicate, a revoked
+    │                              certificate, a resource still in use)
+    ├── CloudError                 the cloud is unreachable or answered with an error
+    └── PkiError                   a certificate or key cannot be issued, parsed or verified
 
 Foreign errors are translated once, at the boundary: ``raise RecipeError(...) from err``.
 """
@@ -85,3 +90,24 @@ class ShadowError(EdgeloopError):
         if self.client_token is not None:
             document["clientToken"] = self.client_token
         return document
+
+
+class NotFoundError(EdgeloopError):
+    """A named resource does not exist; the message names its kind and name."""
+
+    def __init__(self, kind: str, name: str, hint: str = "") -> None:
+        self.kind = kind
+        self.name = name
+        super().__init__(f"no {kind} named {name!r}" + (f" ({hint})" if hint else ""))
+
+
+class ConflictError(EdgeloopError):
+    """The request clashes with the current state (a duplicate, a resource in use, ...)."""
+
+
+class CloudError(EdgeloopError):
+    """The cloud is unreachable, or answered a request with an error."""
+
+
+class PkiError(EdgeloopError):
+    """A certificate or key cannot be issued, parsed or verified."""

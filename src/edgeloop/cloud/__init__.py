@@ -1,0 +1,1 @@
+"""The self-hosted cloud: registry, PKI, broker, shadows, deployments, lake, ML."""
