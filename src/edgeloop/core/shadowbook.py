@@ -132,12 +132,12 @@ class ShadowBook:
         entry = self._shadows(thing).get(name)
         return entry.document if entry is not None else None
 
-    def get(self, thing: str, name: str = "") -> dict[str, Any]:
+    def get(self, thing: str, name: str = "", *, client_token: str | None = None) -> dict[str, Any]:
         """The AWS get response (state with delta, metadata, version, timestamp); 404 if none."""
         document = self.document(thing, name)
         if document is None:
-            raise not_found(name or thing)
-        return get_response(document, self._now())
+            raise not_found(name or thing, client_token=client_token)
+        return get_response(document, self.now(), client_token=client_token)
 
     def list_named(
         self, thing: str, page_size: int = 25, next_token: str | None = None
@@ -171,7 +171,7 @@ class ShadowBook:
         """Apply an update request; ShadowError 400/409/413 (nothing changes) when refused."""
         validate_thing_name(thing)
         validate_shadow_name(name)
-        now = self._now()
+        now = self.now()
         shadows = self._shadows(thing)
         entry = shadows.get(name)
         current = entry.document if entry is not None else None
@@ -186,7 +186,7 @@ class ShadowBook:
         """Delete a shadow; returns AWS's ``/delete/accepted`` document. 404 when absent."""
         validate_thing_name(thing)
         validate_shadow_name(name)
-        now = self._now()
+        now = self.now()
         entry = self._shadows(thing).get(name)
         document = entry.document if entry is not None else None
         result = delete(document, request, now, shadow_name=name or thing)
@@ -196,7 +196,8 @@ class ShadowBook:
 
     # -- internals -----------------------------------------------------------------------
 
-    def _now(self) -> int:
+    def now(self) -> int:
+        """The clock, in whole seconds as AWS timestamps are."""
         return int(self.clock())
 
     def _base_version(self, entry: ShadowEntry | None, now: int) -> int:
