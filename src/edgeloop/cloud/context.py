@@ -1,0 +1,60 @@
+"""What the cloud's API and services share: one object built by `cloud up`."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from edgeloop.cloud.db import Database
+from edgeloop.cloud.objectstore import ObjectStore
+from edgeloop.cloud.pki import CertificateAuthority
+from edgeloop.cloud.registry import Registry
+from edgeloop.core.shadowbook import ShadowBook
+
+log = logging.getLogger("edgeloop.cloud")
+
+# Called after a certificate is revoked, so the broker refuses it from then on.
+RevocationHook = Callable[[], Awaitable[None]]
+
+
+async def _no_broker() -> None:
+    log.info("no broker attached: the new CRL takes effect when the broker next starts")
+
+
+@dataclass
+class CloudContext:
+    """The parts of a running cloud."""
+
+    data_dir: Path
+    db: Database
+    registry: Registry
+    ca: CertificateAuthority
+    shadows: ShadowBook
+    objects: ObjectStore
+    revoked: RevocationHook = field(default=_no_broker)
+
+    @classmethod
+    def open(
+        cls, data_dir: Path, *, db_url: str | None = None, objects: ObjectStore | None = None
+    ) -> CloudContext:
+        """Open (or create) an install: database migrated, CA ready, object store."""
+        from edgeloop.cloud.objectstore import open_object_store
+
+        data_dir.mkdir(parents=True, exist_ok=True)
+        db = Database(db_url) if db_url else Database.in_data_dir(data_dir)
+        db.migrate()
+        registry = Registry(db)
+        return cls(
+            data_dir=data_dir,
+            db=db,
+            registry=registry,
+            ca=CertificateAuthority.open_or_create(data_dir / "ca"),
+            shadows=ShadowBook(registry.shadow_storage()),
+            objects=objects or open_object_store(data_dir),
+        )
+
+    def crl_pem(self) -> bytes:
+        """The CRL of every certificate revoked so far, signed by the issuing CA."""
+        return self.ca.crl_pem(self.registry.revoked_serials())
