@@ -50,6 +50,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from edgeloop.core.errors import ConflictError, PkiError, ValidationError
+from edgeloop.core.names import is_thing_name
 
 KeyType = Literal["ec", "rsa"]
 IdentityKind = Literal["thing", "claim"]
@@ -59,7 +60,6 @@ SigningKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
 CLAIM_OU = "claim"
 CLAIM_CN_PREFIX = "claim:"
 # AWS IoT's thing name and provisioning template name patterns.
-_THING_NAME = re.compile(r"^[a-zA-Z0-9:_-]{1,128}$")
 _TEMPLATE_NAME = re.compile(r"^[0-9A-Za-z_-]{1,36}$")
 # Clocks disagree by a little; a certificate that starts "now" would be refused by a
 # verifier a few seconds behind.
@@ -124,7 +124,7 @@ def fingerprint(cert: bytes | x509.Certificate) -> str:
 
 def check_thing_name(name: str, field: str = "thing_name") -> str:
     """``name`` if AWS IoT would accept it as a thing name; ValidationError otherwise."""
-    if not _THING_NAME.match(name):
+    if not is_thing_name(name):
         raise ValidationError(
             f"{name!r} must be 1-128 characters of letters, digits, ':', '_' and '-'", field=field
         )

@@ -14,13 +14,13 @@ import base64
 import binascii
 import json
 import logging
-import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from edgeloop.core.errors import ShadowError, ValidationError
+from edgeloop.core.names import MAX_SHADOW_NAME, MAX_THING_NAME, NAME_PATTERN, is_thing_name
 from edgeloop.core.shadow import (
     ShadowDocument,
     UpdateResult,
@@ -32,15 +32,12 @@ from edgeloop.core.shadow import (
 
 log = logging.getLogger("edgeloop.shadows")
 
-MAX_THING_NAME = 128
-MAX_SHADOW_NAME = 64
 MAX_PAGE_SIZE = 100
 
 
 # How long a deleted shadow's version is remembered (AWS IoT: 48 hours).
 DELETED_VERSION_TTL = 48 * 3600
 
-NAME_PATTERN = re.compile(r"[a-zA-Z0-9:_-]+")
 
 # (thing, shadow name, the accepted update or None for a delete)
 ShadowListener = Callable[[str, str, UpdateResult | None], None]
@@ -50,7 +47,7 @@ def validate_thing_name(thing: str) -> None:
     """Raise ShadowError 400 unless ``thing`` is a valid AWS IoT thing name."""
     if not isinstance(thing, str) or not thing:
         raise ShadowError(400, "Invalid thing name: a thing name is required")
-    if len(thing) > MAX_THING_NAME or NAME_PATTERN.fullmatch(thing) is None:
+    if not is_thing_name(thing):
         raise ShadowError(
             400,
             f"Invalid thing name {thing!r}: use 1-{MAX_THING_NAME} characters from "

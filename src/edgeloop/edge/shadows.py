@@ -23,12 +23,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 from edgeloop.core.errors import ShadowError, ValidationError
+from edgeloop.core.names import MAX_SHADOW_NAME, MAX_THING_NAME, NAME_PATTERN
 from edgeloop.core.shadowbook import (
     DELETED_VERSION_TTL,
     MAX_PAGE_SIZE,
-    MAX_SHADOW_NAME,
-    MAX_THING_NAME,
-    NAME_PATTERN,
     ShadowBook,
     ShadowEntry,
     ShadowListener,
