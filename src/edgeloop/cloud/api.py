@@ -478,9 +478,8 @@ def create_app(ctx: CloudContext) -> FastAPI:
         await run_in_threadpool(registry.delete_thing, name)
         # The book keeps every thing's shadows it has served in memory; without this a
         # thing created again under the name would show the deleted one's shadows. Done
-        # here, on the event loop, where every other book call runs. (ShadowBook has no
-        # public way to forget a thing yet.)
-        ctx.shadows._things.pop(name, None)
+        # here, on the event loop, where every other book call runs.
+        ctx.shadows.forget(name)
         return Response(status_code=204)
 
     # == groups ==========================================================================

@@ -193,6 +193,11 @@ class ShadowBook:
 
     # -- internals -----------------------------------------------------------------------
 
+    def forget(self, thing: str) -> None:
+        """Drop what is held in memory of ``thing`` (its storage was changed behind the
+        book, e.g. the thing was deleted with its shadows)."""
+        self._things.pop(thing, None)
+
     def now(self) -> int:
         """The clock, in whole seconds as AWS timestamps are."""
         return int(self.clock())
