@@ -40,11 +40,11 @@ single-use ownership token, and not recorded in the registry (which has no pendi
 state and cannot attach a recorded certificate to a thing later), so the API and
 ``Registry.is_active`` refuse it. A provision call with the token records it ACTIVE and
 attached to the thing and spends the token; a refused or failed one leaves it usable.
-Tokens expire after ``token_ttl`` seconds (AWS: one hour); a
-restart forgets pending certificates, and the device starts over, as AWS devices do
-when a token has expired. Because the certificate exists before its thing is named, its
-CN is a provisional ``cert:<32 hex>`` rather than the thing name: see the closing note
-of :class:`ProvisioningService`.
+Tokens expire after ``token_ttl`` seconds (AWS: one hour); a restart forgets pending
+certificates, and the device starts over, as AWS devices do when a token has expired.
+Because the certificate exists before its thing is named, its CN is a provisional
+``cert:<32 hex>`` rather than the thing name: see the closing note of
+:class:`ProvisioningService`.
 
 Thing naming (the registry's claim templates have no configuration column yet, so this
 is fixed, plus :class:`TemplateRules` given to the service): the ``thingName`` parameter
@@ -53,7 +53,9 @@ overrides. Attributes: the parameters the template's rules list (default: every
 parameter but ``thingName``), plus ``provisioningTemplate: <template>``. Provisioning a
 name that exists is idempotent when that thing came from the same template (attributes
 are merged, the new certificate is attached, the thing name is the same); a thing made
-otherwise is refused, so a claim cannot take over an unrelated thing.
+otherwise is refused, so a claim cannot take over an unrelated thing. Within one
+template, whoever holds its claim can re-provision any serial (as on AWS): a hook that
+checks serials against an allowlist is what stops that.
 
 Pre-provisioning hook: a callable ``(template, parameters) -> HookDecision``, given to
 the service, or else the template's ``hook`` — a command line run by
