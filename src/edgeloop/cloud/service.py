@@ -1,0 +1,263 @@
+"""`edgeloop cloud up`: the API, the database, the object store, the broker, and the MQTT
+services (shadows, connectivity) as one running install.
+
+Everything of an embedded install lives in one data folder, and a restart resumes it:
+the CA, the database (SQLite by default), objects, the broker's persistence and ports. The
+endpoints are written to ``<data>/endpoints.json`` for the CLI and for hubs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from edgeloop.cloud.broker import Broker, BrokerConfig, ServiceLogin
+from edgeloop.cloud.context import CloudContext
+from edgeloop.cloud.shadow_service import REQUEST_FILTER, ShadowService
+from edgeloop.core.errors import CloudError, EdgeloopError
+from edgeloop.core.names import is_thing_name
+
+log = logging.getLogger("edgeloop.cloud")
+
+CONNECTIVITY_FILTER = "edgeloop/things/+/connectivity"
+ENDPOINTS_FILE = "endpoints.json"
+
+
+def connectivity_topic(thing: str) -> str:
+    """Where a hub publishes its retained birth message and sets its last will."""
+    return f"edgeloop/things/{thing}/connectivity"
+
+
+@dataclass(frozen=True)
+class CloudSettings:
+    """How `cloud up` runs."""
+
+    data_dir: Path
+    host: str = "127.0.0.1"
+    port: int = 8440  # the API's; the broker's ports are chosen just above it
+    db_url: str | None = None
+    s3_endpoint: str | None = None
+
+
+class MqttServices:
+    """The cloud's own MQTT client: it serves shadow requests and records connectivity.
+
+    paho runs its network loop in a thread. Shadow requests are handed to the event loop,
+    where the shadow book (shared with the API) lives; connectivity goes straight to the
+    registry, which is thread-safe.
+    """
+
+    def __init__(
+        self, ctx: CloudContext, login: ServiceLogin, loop: asyncio.AbstractEventLoop
+    ) -> None:
+        import paho.mqtt.client as mqtt
+
+        self.ctx = ctx
+        self.loop = loop
+        self.client = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2,
+            client_id="edgeloop-cloud-services",
+            protocol=mqtt.MQTTv5,
+        )
+        self.client.username_pw_set(login.username, login.password)
+        self.client.on_connect = self._on_connect
+        self.client.on_message = self._on_message
+        self._login = login
+        self.shadows = ShadowService(ctx.shadows, self._publish)
+        self.connected = asyncio.Event()
+
+    def start(self) -> None:
+        """Connect (and keep reconnecting) in paho's thread."""
+        self.client.reconnect_delay_set(min_delay=0.2, max_delay=5)
+        self.client.connect_async(self._login.host, self._login.port, keepalive=30)
+        self.client.loop_start()
+
+    def stop(self) -> None:
+        """Disconnect and end paho's thread."""
+        self.client.disconnect()
+        self.client.loop_stop()
+
+    def _publish(self, topic: str, payload: bytes) -> None:
+        self.client.publish(topic, payload, qos=1)
+
+    def _on_connect(self, client: Any, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+        if reason.is_failure:
+            log.error("cloud services could not log in to the broker: %s", reason)
+            return
+        client.subscribe([(REQUEST_FILTER, 1), (CONNECTIVITY_FILTER, 1)])
+        self.loop.call_soon_threadsafe(self.connected.set)
+
+    def _on_message(self, client: Any, userdata: Any, message: Any) -> None:
+        topic: str = message.topic
+        payload: bytes = message.payload
+        if topic.startswith("$aws/things/"):
+            self.loop.call_soon_threadsafe(self._serve_shadow, topic, payload)
+        elif topic.endswith("/connectivity"):
+            self._record_connectivity(topic, payload)
+
+    def _serve_shadow(self, topic: str, payload: bytes) -> None:
+        try:
+            self.shadows.handle(topic, payload)
+        except Exception:
+            log.exception("shadow request on %s failed", topic)
+
+    def _record_connectivity(self, topic: str, payload: bytes) -> None:
+        thing = topic.split("/")[2]
+        if not is_thing_name(thing):
+            return
+        try:
+            doc = json.loads(payload) if payload else {}
+        except ValueError:
+            log.warning("ignored a connectivity message of %s that is not JSON", thing)
+            return
+        if not isinstance(doc, dict) or not isinstance(doc.get("connected"), bool):
+            log.warning("ignored a connectivity message of %s without 'connected'", thing)
+            return
+        at = datetime.now(UTC)
+        if isinstance(doc.get("at"), int | float) and doc["connected"]:
+            # A birth message says when the hub connected; a last will cannot know when
+            # it will be sent, so the broker's delivery time stands for it.
+            at = datetime.fromtimestamp(doc["at"] / 1000, UTC)
+        try:
+            self.ctx.registry.set_connectivity(
+                thing,
+                doc["connected"],
+                at,
+                client_id=str(doc.get("clientId") or thing),
+                reason=None if doc["connected"] else str(doc.get("reason") or "connection lost"),
+            )
+        except EdgeloopError as err:
+            log.warning("connectivity of %s not recorded: %s", thing, err)
+
+
+def _server_identity(ctx: CloudContext, folder: Path, host: str) -> tuple[Path, Path]:
+    """The broker's TLS certificate and key, issued once and kept."""
+    cert, key = folder / "server.pem", folder / "server.key"
+    if not cert.exists() or not key.exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        issued = ctx.ca.issue_server_certificate(["localhost"], sorted({host, "127.0.0.1"}))
+        assert issued.private_key_pem is not None
+        key.write_bytes(issued.private_key_pem)
+        key.chmod(0o600)
+        cert.write_bytes(issued.certificate_pem + issued.chain_pem)
+    return cert, key
+
+
+class Cloud:
+    """A running install: start it, serve until told to stop, stop it."""
+
+    def __init__(self, settings: CloudSettings) -> None:
+        self.settings = settings
+        self.ctx: CloudContext | None = None
+        self.broker: Broker | None = None
+        self.services: MqttServices | None = None
+        self._api: Any = None
+        self._api_task: asyncio.Task[None] | None = None
+
+    async def start(self) -> dict[str, Any]:
+        """Bring everything up; returns the endpoints (also written to endpoints.json)."""
+        import uvicorn
+
+        from edgeloop.cloud.api import create_app
+        from edgeloop.cloud.objectstore import open_object_store
+
+        s = self.settings
+        objects = open_object_store(s.data_dir, s3_endpoint=s.s3_endpoint)
+        ctx = await asyncio.to_thread(
+            CloudContext.open, s.data_dir, db_url=s.db_url, objects=objects
+        )
+        self.ctx = ctx
+        broker_dir = s.data_dir / "broker"
+        cert, key = _server_identity(ctx, broker_dir, s.host)
+        broker_dir.mkdir(parents=True, exist_ok=True)
+        (broker_dir / "crl.pem").write_bytes(ctx.crl_pem())
+        self.broker = Broker(
+            BrokerConfig(
+                data_dir=broker_dir,
+                ca_chain=ctx.ca.chain_path,
+                server_cert=cert,
+                server_key=key,
+                host=s.host,
+                base_port=s.port + 1,
+            )
+        )
+        ports = await self.broker.start()
+        broker = self.broker
+
+        async def revoked() -> None:
+            await broker.update_crl(ctx.crl_pem())
+
+        ctx.revoked = revoked
+        self.services = MqttServices(ctx, broker.service_login, asyncio.get_running_loop())
+        self.services.start()
+        try:
+            async with asyncio.timeout(10):
+                await self.services.connected.wait()
+        except TimeoutError as err:
+            raise CloudError("the cloud's services could not connect to its broker") from err
+
+        config = uvicorn.Config(
+            create_app(ctx), host=s.host, port=s.port, log_level="warning", lifespan="off"
+        )
+        self._api = uvicorn.Server(config)
+        self._api_task = asyncio.create_task(self._api.serve(), name="api")
+        async with asyncio.timeout(10):
+            while not self._api.started:
+                if self._api_task.done():
+                    raise CloudError(
+                        f"the API could not listen on {s.host}:{s.port} (is the port in use?)"
+                    )
+                await asyncio.sleep(0.02)
+        endpoints = {
+            "api": f"http://{s.host}:{s.port}",
+            "mqtt": {"host": ports.host, "port": ports.device},
+            "caFile": str(ctx.ca.chain_path),
+            "dataDir": str(s.data_dir),
+        }
+        (s.data_dir / ENDPOINTS_FILE).write_text(json.dumps(endpoints, indent=1) + "\n")
+        return endpoints
+
+    async def stop(self) -> None:
+        """Stop the API, the services and the broker."""
+        if self._api is not None:
+            self._api.should_exit = True
+            if self._api_task is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(self._api_task, 10)
+        if self.services is not None:
+            self.services.stop()
+        if self.broker is not None:
+            await self.broker.stop()
+
+    async def serve_forever(self, on_ready: Callable[[dict[str, Any]], None]) -> None:
+        """Start, report, and run until SIGINT/SIGTERM."""
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            on_ready(await self.start())
+            await stop.wait()
+        finally:
+            await self.stop()
+
+
+def read_endpoints(data_dir: Path) -> dict[str, Any]:
+    """The endpoints a running (or last run) install wrote; CloudError when there are none."""
+    path = data_dir / ENDPOINTS_FILE
+    try:
+        data: dict[str, Any] = json.loads(path.read_text())
+    except FileNotFoundError as err:
+        raise CloudError(
+            f"no cloud has run from {data_dir} (start one with: edgeloop cloud up "
+            f"--data-dir {data_dir})"
+        ) from err
+    return data
