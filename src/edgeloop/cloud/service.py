@@ -59,11 +59,12 @@ class MqttServices:
         self, ctx: CloudContext, login: ServiceLogin, loop: asyncio.AbstractEventLoop
     ) -> None:
         import paho.mqtt.client as mqtt
+        from paho.mqtt.enums import CallbackAPIVersion
 
         self.ctx = ctx
         self.loop = loop
         self.client = mqtt.Client(
-            mqtt.CallbackAPIVersion.VERSION2,
+            CallbackAPIVersion.VERSION2,
             client_id="edgeloop-cloud-services",
             protocol=mqtt.MQTTv5,
         )
@@ -76,7 +77,7 @@ class MqttServices:
 
     def start(self) -> None:
         """Connect (and keep reconnecting) in paho's thread."""
-        self.client.reconnect_delay_set(min_delay=0.2, max_delay=5)
+        self.client.reconnect_delay_set(min_delay=1, max_delay=5)
         self.client.connect_async(self._login.host, self._login.port, keepalive=30)
         self.client.loop_start()
 
