@@ -51,8 +51,17 @@ def run(
         float | None,
         typer.Option(help="Default seconds a deployment's components must stay healthy."),
     ] = None,
+    cloud_endpoint: Annotated[
+        str | None, typer.Option(help="The cloud's MQTT broker, HOST:PORT (saved in agent.json).")
+    ] = None,
+    cert: Annotated[
+        Path | None, typer.Option(help="The hub's certificate (PEM); its CN is the thing name.")
+    ] = None,
+    key: Annotated[Path | None, typer.Option(help="The hub's private key (PEM).")] = None,
+    ca: Annotated[Path | None, typer.Option(help="The cloud's CA chain (PEM).")] = None,
 ) -> None:
     """Run the hub's agent in the foreground (Ctrl-C stops it and its components)."""
+    _save_cloud_flags(root, cloud_endpoint, cert, key, ca)
     argv = [sys.executable, "-m", "edgeloop.edge.agent", "--root", str(root)]
     if thing_name:
         argv += ["--thing-name", thing_name]
@@ -62,6 +71,28 @@ def run(
     sys.stderr.flush()
     # exec, so the agent process carries none of the CLI's imports (memory is a target).
     os.execv(sys.executable, argv)
+
+
+def _save_cloud_flags(root: Path, endpoint: str | None, *files: Path | None) -> None:
+    """Merge the cloud flags into ``<root>/agent.json``'s ``cloud`` key, validated first, so
+    that later runs without flags keep the connection."""
+    given = {"endpoint": endpoint} if endpoint else {}
+    given |= {k: str(f.resolve()) for k, f in zip(("cert", "key", "ca"), files, strict=True) if f}
+    if not given:
+        return
+    from edgeloop.edge.settings import AgentSettings
+
+    path = root / "agent.json"
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+    except ValueError as err:
+        raise ValidationError(f"not valid JSON ({err})", source=str(path)) from err
+    if not isinstance(doc, dict):
+        raise ValidationError("must be a JSON object", source=str(path))
+    doc["cloud"] = {**(doc.get("cloud") or {}), **given}
+    root.mkdir(parents=True, exist_ok=True)
+    AgentSettings(root=root).with_document(doc, source=f"{path} with the --cloud flags")
+    path.write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
 
 
 @app.command()
@@ -85,6 +116,11 @@ def status(root: RootOption, as_json: JsonOption = False) -> None:
             f"{ipc['published']} published, {ipc['pending']} queued, "
             f"{ipc['dropped']} dropped for slow subscribers, {ipc['deniedCalls']} denied call(s)"
         )
+    cloud = result.get("cloud")
+    if cloud:
+        state = "[green]connected[/green]" if cloud["connected"] else "[red]offline[/red]"
+        since = f" (changed {_ago(cloud['since'])})" if cloud.get("since") else ""
+        console.print(f"cloud: {cloud['endpoint']} {state}{since}, {cloud['queued']} queued")
 
 
 @app.command()

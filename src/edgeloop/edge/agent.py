@@ -17,7 +17,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edgeloop import __version__
 from edgeloop.core.config import parse_update_config_document
@@ -37,6 +37,9 @@ from edgeloop.edge.settings import AgentSettings
 from edgeloop.edge.shadows import LocalShadows
 from edgeloop.edge.store import HubStore
 from edgeloop.edge.supervisor import Supervisor
+
+if TYPE_CHECKING:
+    from edgeloop.edge.cloud_link import CloudLink, ShadowSync
 
 log = logging.getLogger("edgeloop.agent")
 
@@ -69,6 +72,20 @@ class Agent:
         )
         self.pubsub = PubSub()
         self.shadows = LocalShadows(self.store.state_dir / "shadows")
+        self.cloud: CloudLink | None = None
+        self.shadow_sync: ShadowSync | None = None
+        if settings.cloud is not None:
+            # Imported only here: a hub without a cloud does not load paho.
+            from edgeloop.edge.cloud_link import CloudLink, ShadowSync
+
+            self.cloud = CloudLink(settings.cloud, settings.thing_name)
+            self.shadow_sync = ShadowSync(
+                self.cloud,
+                self.shadows,
+                settings.thing_name,
+                self.store.state_dir / "cloud-sync.json",
+                interval=settings.cloud.sync_interval,
+            )
         self.ipc = IpcServer(layout.ipc_socket, self._authenticate)
         self.ipc_authorizer = Authorizer(self._configuration_of, settings.thing_name)
         ipc_context = IpcContext(
@@ -87,7 +104,7 @@ class Agent:
             *ops_config.operations(ipc_context),
             *ops_lifecycle.operations(ipc_context),
             *ops_shadow.operations(ipc_context),
-            *ops_iotcore.operations(ipc_context, None),
+            *ops_iotcore.operations(ipc_context, self.cloud),
         )
         self.started_at = time.time()
         self._stop = asyncio.Event()
@@ -118,6 +135,9 @@ class Agent:
         if interrupted:
             log.warning("deployment %s was interrupted; back on the last good state", interrupted)
         await self.ipc.start()
+        if self.cloud is not None and self.shadow_sync is not None:
+            await self.shadow_sync.start()  # first: it hears the first connect
+            await self.cloud.start()
         await self.control.start()
         self.settings.layout.pid_file.write_text(f"{os.getpid()}\n")
         try:
@@ -136,6 +156,9 @@ class Agent:
         finally:
             log.info("stopping components")
             await self.supervisor.stop_all()
+            if self.cloud is not None and self.shadow_sync is not None:
+                await self.shadow_sync.stop()
+                await self.cloud.stop()
             await self.ipc.close()
             await self.control.close()
             self.settings.layout.pid_file.unlink(missing_ok=True)
@@ -172,6 +195,7 @@ class Agent:
                 "deniedCalls": self.ipc_authorizer.denied,
                 **self.pubsub.stats(),
             },
+            "cloud": self.cloud.status() if self.cloud is not None else None,
         }
 
     async def _op_components(self, _: dict[str, Any]) -> list[dict[str, Any]]:

@@ -3,6 +3,15 @@
 Settings come from ``<root>/agent.json`` when it exists (every key optional), else the
 defaults below; ``edgeloop device run`` flags override both. The layout is fixed so that
 the CLI can find everything from ``--root`` alone.
+
+The hub's cloud connection is the ``cloud`` key (absent: the hub runs without a cloud)::
+
+    "cloud": {"endpoint": "HOST:PORT", "cert": "hub.pem", "key": "hub.key", "ca": "ca.pem"}
+
+plus optional ``keepalive``, ``session_expiry``, ``queue_limit``, ``sync_interval`` and
+``reconnect_max`` (see ``CloudConnection``). Relative paths are under the hub's root. The
+certificate's subject CN is the thing name the cloud knows the hub by: it becomes the
+hub's thing name unless one is set, and a thing name set otherwise must equal it.
 """
 
 from __future__ import annotations
@@ -85,6 +94,27 @@ class Layout:
         return self.logs / f"{name}.log"
 
 
+@dataclass(frozen=True, kw_only=True)
+class CloudConnection:
+    """How the hub reaches its cloud's MQTT broker (mutual TLS)."""
+
+    host: str
+    port: int
+    cert: Path
+    key: Path
+    ca: Path
+    keepalive: int = 30  # seconds; the broker sends the last will after 1.5x this
+    session_expiry: int = 7 * 24 * 3600  # seconds the broker keeps the session offline
+    queue_limit: int = 1000  # messages held while offline before publishes are refused
+    sync_interval: float = 300.0  # seconds between full shadow reconciliations; 0: off
+    reconnect_max: float = 30.0  # cap of the jittered reconnect backoff, seconds
+
+    @property
+    def endpoint(self) -> str:
+        """``host:port``."""
+        return f"{self.host}:{self.port}"
+
+
 @dataclass(frozen=True)
 class AgentSettings:
     """Tunables of one hub's agent."""
@@ -98,6 +128,7 @@ class AgentSettings:
     deployment_timeout: float = 300.0
     log_max_bytes: int = 1024 * 1024
     log_backups: int = 3
+    cloud: CloudConnection | None = None
 
     @property
     def layout(self) -> Layout:
@@ -109,14 +140,30 @@ class AgentSettings:
         """Defaults, then ``<root>/agent.json``, then ``overrides`` (None means unset)."""
         settings = cls(root=root)
         path = root / "agent.json"
+        named = overrides.get("thing_name") is not None
         if path.exists():
             try:
                 doc = json.loads(path.read_text(encoding="utf-8"))
             except ValueError as err:
                 raise ValidationError(f"not valid JSON ({err})", source=str(path)) from err
             settings = settings.with_document(doc, source=str(path))
+            named = named or "thing_name" in doc
         given = {k: v for k, v in overrides.items() if v is not None}
-        return replace(settings, **given) if given else settings
+        settings = replace(settings, **given) if given else settings
+        cloud = settings.cloud
+        if cloud is not None:
+            cn = certificate_cn(cloud.cert, source=str(path))
+            if not named:
+                settings = replace(settings, thing_name=cn)
+            elif cn != settings.thing_name:
+                raise ValidationError(
+                    f"the certificate {cloud.cert} is thing {cn!r}'s, but this hub's "
+                    f"thing name is {settings.thing_name!r}: use that thing's certificate, or "
+                    "leave the thing name unset so that it comes from the certificate",
+                    source=str(path),
+                    field="cloud.cert",
+                )
+        return settings
 
     def with_document(self, doc: Any, *, source: str) -> AgentSettings:
         """These settings updated from a JSON document, validated key by key."""
@@ -127,6 +174,8 @@ class AgentSettings:
         for key, value in doc.items():
             if key == "restart":
                 changes["restart"] = _restart_policy(value, source)
+            elif key == "cloud":
+                changes["cloud"] = None if value is None else _cloud(value, self.root, source)
             elif key in known:
                 changes[key] = _typed(key, value, type(getattr(self, key)), source)
             else:
@@ -168,3 +217,82 @@ def _restart_policy(value: Any, source: str) -> RestartPolicy:
             )
         changes[key] = _typed(f"restart.{key}", item, type(getattr(policy, key)), source)
     return replace(policy, **changes)
+
+
+_CLOUD_PATHS = ("cert", "key", "ca")
+_CLOUD_NUMBERS: dict[str, type] = {
+    "keepalive": int,
+    "session_expiry": int,
+    "queue_limit": int,
+    "sync_interval": float,
+    "reconnect_max": float,
+}
+_MIN_INT.update({"cloud.keepalive": 5, "cloud.queue_limit": 1})
+
+
+def _cloud(value: Any, root: Path, source: str) -> CloudConnection:
+    if not isinstance(value, dict):
+        raise ValidationError(
+            'must be an object: {"endpoint": "HOST:PORT", "cert": FILE, "key": FILE, "ca": FILE}',
+            source=source,
+            field="cloud",
+        )
+    known = ("endpoint", *_CLOUD_PATHS, *_CLOUD_NUMBERS)
+    for key in value:
+        if key not in known:
+            raise ValidationError(
+                f"unknown key; known: {', '.join(sorted(known))}",
+                source=source,
+                field=f"cloud.{key}",
+            )
+    for key in ("endpoint", *_CLOUD_PATHS):
+        if not isinstance(value.get(key), str) or not value[key]:
+            raise ValidationError("is required (a string)", source=source, field=f"cloud.{key}")
+    host, port = parse_endpoint(value["endpoint"], source=source, field="cloud.endpoint")
+    paths: dict[str, Path] = {}
+    for key in _CLOUD_PATHS:
+        path = Path(value[key]).expanduser()
+        path = path if path.is_absolute() else root / path
+        if not path.is_file():
+            raise ValidationError(f"{path} is not a file", source=source, field=f"cloud.{key}")
+        paths[key] = path
+    numbers: dict[str, Any] = {
+        key: _typed(f"cloud.{key}", value[key], kind, source)
+        for key, kind in _CLOUD_NUMBERS.items()
+        if key in value
+    }
+    return CloudConnection(
+        host=host, port=port, cert=paths["cert"], key=paths["key"], ca=paths["ca"], **numbers
+    )
+
+
+def parse_endpoint(endpoint: str, *, source: str, field: str) -> tuple[str, int]:
+    """``HOST:PORT`` taken apart; ValidationError naming ``field`` otherwise."""
+    host, _, port = endpoint.rpartition(":")
+    host = host.strip("[]")  # [::1]:8883
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValidationError(
+            f"{endpoint!r} is not HOST:PORT (e.g. cloud.example.com:8883)",
+            source=source,
+            field=field,
+        )
+    return host, int(port)
+
+
+def certificate_cn(path: Path, *, source: str) -> str:
+    """The subject common name of the PEM certificate at ``path`` (the hub's thing name)."""
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+
+    try:
+        cert = x509.load_pem_x509_certificate(path.read_bytes())
+    except (OSError, ValueError) as err:
+        raise ValidationError(
+            f"{path} is not a PEM certificate ({err})", source=source, field="cloud.cert"
+        ) from err
+    names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    if not names:
+        raise ValidationError(
+            f"{path} has no subject CN to name the hub's thing", source=source, field="cloud.cert"
+        )
+    return str(names[0].value)
