@@ -110,3 +110,11 @@ def test_delete_then_recreate_continues_the_version(wire: Any) -> None:
         if topic.endswith("update/accepted") and doc["state"]["reported"] == {"a": 2}
     )
     assert accepted["version"] == 2
+
+
+def test_updates_made_elsewhere_on_the_book_are_announced(wire: Any) -> None:
+    service, sent = wire
+    service.book.update("t", "", {"state": {"desired": {"fan": "on"}}})  # e.g. the REST API
+    topics = [topic for topic, _ in sent]
+    assert topics == ["$aws/things/t/shadow/update/delta", "$aws/things/t/shadow/update/documents"]
+    assert sent[0][1]["state"] == {"fan": "on"}

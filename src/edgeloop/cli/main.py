@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from edgeloop import __version__
+from edgeloop.cli.cloud import app as cloud_app
 from edgeloop.cli.device import app as device_app
 
 app = typer.Typer(
@@ -15,6 +16,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.add_typer(device_app, name="device")
+app.add_typer(cloud_app, name="cloud")
 
 
 @app.command()

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from edgeloop.core.errors import ShadowError
-from edgeloop.core.shadow import parse_payload
+from edgeloop.core.shadow import UpdateResult, parse_payload
 from edgeloop.core.shadowbook import ShadowBook
 
 log = logging.getLogger("edgeloop.cloud.shadows")
@@ -61,6 +61,10 @@ class ShadowService:
     def __init__(self, book: ShadowBook, publish: Publish) -> None:
         self.book = book
         self.publish = publish
+        # Deltas and documents follow every accepted update, whoever made it (a device
+        # over MQTT, or the REST API on the same book), as AWS IoT announces them.
+        book.listeners.append(self._announce)
+        self._held: list[tuple[str, bytes]] | None = None
 
     def handle(self, topic: str, payload: bytes) -> bool:
         """Serve one message; False when ``topic`` is not a shadow request."""
@@ -76,11 +80,15 @@ class ShadowService:
                 answer = self.book.get(request.thing, request.name, client_token=token)
                 self._answer(request, "get/accepted", answer)
             elif request.operation == "update":
-                result = self.book.update(request.thing, request.name, body)
-                self._answer(request, "update/accepted", result.accepted)
-                if result.delta is not None:
-                    self._answer(request, "update/delta", result.delta)
-                self._answer(request, "update/documents", result.documents)
+                # The requester hears /accepted before the announcements the update causes.
+                self._held = []
+                try:
+                    result = self.book.update(request.thing, request.name, body)
+                    self._answer(request, "update/accepted", result.accepted)
+                finally:
+                    held, self._held = self._held, None
+                for topic, payload in held:
+                    self.publish(topic, payload)
             else:
                 accepted = self.book.delete(request.thing, request.name, body)
                 self._answer(request, "delete/accepted", accepted)
@@ -89,6 +97,18 @@ class ShadowService:
                 err.client_token = token
             self._answer(request, f"{request.operation}/rejected", err.to_document(self.book.now()))
         return True
+
+    def _announce(self, thing: str, name: str, result: UpdateResult | None) -> None:
+        if result is None:
+            return  # deletes are answered to their requester only
+        prefix = ShadowRequest(thing, name, "update").prefix
+        out = [] if result.delta is None else [(f"{prefix}/update/delta", _dump(result.delta))]
+        out.append((f"{prefix}/update/documents", _dump(result.documents)))
+        if self._held is not None:
+            self._held.extend(out)
+        else:
+            for topic, payload in out:
+                self.publish(topic, payload)
 
     def _answer(self, request: ShadowRequest, suffix: str, document: Mapping[str, Any]) -> None:
         self.publish(f"{request.prefix}/{suffix}", _dump(document))
