@@ -457,6 +457,10 @@ def test_cloud_up_serves_until_interrupted(tmp_path: Path) -> None:
             f"error: a cloud is already running on {data} (its API: "
             f"http://127.0.0.1:{port}/api/v1); stop it first, or choose another --data-dir"
         )
+        taken = run("cloud", "up", "--data-dir", tmp_path / "other", "--port", str(port), env=env)
+        assert one_error_line(taken) == (
+            f"error: 127.0.0.1:{port} is in use (another cloud?); choose another --port"
+        )
 
         proc.send_signal(signal.SIGINT)
         assert proc.wait(30) == 0, proc.stderr.read() if proc.stderr else ""

@@ -9,11 +9,13 @@ SQLAlchemy, cryptography), and only when it runs, so the client commands start f
 from __future__ import annotations
 
 import asyncio
+import errno
 import fcntl
 import json
 import logging
 import os
 import re
+import socket
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -130,7 +132,6 @@ class CloudClient:
         path: str,
         *,
         json_body: Any = None,
-        content: bytes | None = None,
         params: dict[str, str] | None = None,
         what: str = "",
         fields: dict[str, str] | None = None,
@@ -143,9 +144,7 @@ class CloudClient:
         import httpx
 
         try:
-            response = self._http.request(
-                method, path, json=json_body, content=content, params=params
-            )
+            response = self._http.request(method, path, json=json_body, params=params)
         except httpx.ConnectError:
             raise CloudError(
                 f"no cloud is answering at {self.url} (start one with: edgeloop cloud up)"
@@ -211,6 +210,7 @@ def up(
     """
     data_dir = data_dir.expanduser().resolve()
     _refuse_if_running(data_dir)
+    _refuse_if_taken(host, port)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
     from edgeloop.cloud.service import Cloud, CloudSettings
@@ -258,6 +258,26 @@ def _refuse_if_running(data_dir: Path) -> None:
             + (f" (its API: {api}{API_PATH})" if api else "")
             + "; stop it first, or choose another --data-dir"
         ) from None
+
+
+def _refuse_if_taken(host: str, port: int) -> None:
+    """CloudError when the API's port is taken.
+
+    Checked here because uvicorn, failing to bind, logs and calls sys.exit from inside the
+    event loop, after the broker has started: no clear line, and a broker left behind.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        with socket.create_server((host, port), family=family):
+            pass
+    except OSError as err:
+        if err.errno == errno.EADDRINUSE:
+            raise CloudError(
+                f"{host}:{port} is in use (another cloud?); choose another --port"
+            ) from None
+        # create_server's message repeats the address; the plain reason reads better.
+        reason = (err.strerror or str(err)).split(" (while attempting", 1)[0]
+        raise CloudError(f"cannot listen on {host}:{port}: {reason}; check --host") from None
 
 
 def _recorded_api(data_dir: Path) -> str | None:
