@@ -19,6 +19,7 @@ import paho.mqtt.client as mqtt
 import pytest
 
 from edgeloop.cloud.service import Cloud, CloudSettings, connectivity_topic
+from edgeloop.core.errors import CloudError
 
 
 def _free_port() -> int:
@@ -177,3 +178,14 @@ def test_a_revoked_certificate_can_no_longer_connect(cloud: RunningCloud, tmp_pa
     time.sleep(2)
     assert not refused.client.is_connected()
     refused.client.loop_stop()
+
+
+def test_a_taken_api_port_is_refused_before_anything_starts(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        cloud = Cloud(CloudSettings(data_dir=tmp_path / "data", port=port))
+        with pytest.raises(CloudError, match=f"API port 127.0.0.1:{port} is not free"):
+            asyncio.run(cloud.start())
+    assert cloud.broker is None  # nothing was left running

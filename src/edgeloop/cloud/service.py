@@ -164,7 +164,18 @@ class Cloud:
         self._api_task: asyncio.Task[None] | None = None
 
     async def start(self) -> dict[str, Any]:
-        """Bring everything up; returns the endpoints (also written to endpoints.json)."""
+        """Bring everything up; returns the endpoints (also written to endpoints.json).
+
+        On any failure what was started is stopped again, and a CloudError says why.
+        """
+        _check_port_free(self.settings.host, self.settings.port)
+        try:
+            return await self._start()
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def _start(self) -> dict[str, Any]:
         import uvicorn
 
         from edgeloop.cloud.api import create_app
@@ -209,7 +220,13 @@ class Cloud:
             create_app(ctx), host=s.host, port=s.port, log_level="warning", lifespan="off"
         )
         self._api = uvicorn.Server(config)
-        self._api_task = asyncio.create_task(self._api.serve(), name="api")
+        api = self._api
+
+        async def serve_api() -> None:
+            with contextlib.suppress(SystemExit):  # uvicorn exits when it cannot bind
+                await api.serve()
+
+        self._api_task = asyncio.create_task(serve_api(), name="api")
         async with asyncio.timeout(10):
             while not self._api.started:
                 if self._api_task.done():
@@ -249,6 +266,21 @@ class Cloud:
             await stop.wait()
         finally:
             await self.stop()
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """Refuse early, before the broker starts, when the API's port is taken."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as err:
+            raise CloudError(
+                f"the API port {host}:{port} is not free ({err.strerror}); choose another "
+                "with --port"
+            ) from err
 
 
 def read_endpoints(data_dir: Path) -> dict[str, Any]:
