@@ -33,10 +33,8 @@ revocation: the registry knows which certificate ids are revoked.
 from __future__ import annotations
 
 import ipaddress
-import os
 import re
 import secrets
-import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -51,6 +49,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from edgeloop.core.errors import ConflictError, PkiError, ValidationError
 from edgeloop.core.names import is_thing_name
+from edgeloop.fileio import write_bytes_atomic
 
 KeyType = Literal["ec", "rsa"]
 IdentityKind = Literal["thing", "claim"]
@@ -175,21 +174,6 @@ def _is_ca(cert: x509.Certificate) -> bool:
         return False
 
 
-def _write(path: Path, data: bytes, mode: int) -> None:
-    """Write ``data`` atomically with ``mode`` from the start (keys are never world-readable)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _read_cert(path: Path) -> x509.Certificate:
     try:
         data = path.read_bytes()
@@ -296,8 +280,8 @@ class CertificateAuthority:
                 not_before=now - _BACKDATE,
                 not_after=now + timedelta(days=_INTERMEDIATE_DAYS),
             )
-            _write(folder / "intermediate.key", _key_pem(inter_key), 0o600)
-            _write(folder / "intermediate.pem", _pem(inter), 0o644)
+            write_bytes_atomic(folder / "intermediate.key", _key_pem(inter_key), mode=0o600)
+            write_bytes_atomic(folder / "intermediate.pem", _pem(inter), mode=0o644)
         else:
             (folder / "intermediate.key").unlink(missing_ok=True)
             (folder / "intermediate.pem").unlink(missing_ok=True)
@@ -309,9 +293,9 @@ class CertificateAuthority:
             intermediate_key=inter_key,
             clock=clock,
         )
-        _write(folder / "chain.pem", ca.chain_pem, 0o644)
-        _write(folder / "root.key", _key_pem(root_key), 0o600)
-        _write(root_path, _pem(root), 0o644)
+        write_bytes_atomic(folder / "chain.pem", ca.chain_pem, mode=0o644)
+        write_bytes_atomic(folder / "root.key", _key_pem(root_key), mode=0o600)
+        write_bytes_atomic(root_path, _pem(root), mode=0o644)
         return ca
 
     @classmethod
@@ -341,7 +325,7 @@ class CertificateAuthority:
         )
         if not (folder / "chain.pem").exists():
             # Derived from the certificates above, so an accidental delete is repaired.
-            _write(folder / "chain.pem", ca.chain_pem, 0o644)
+            write_bytes_atomic(folder / "chain.pem", ca.chain_pem, mode=0o644)
         return ca
 
     @classmethod

@@ -11,37 +11,19 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edgeloop.fileio import write_bytes_atomic
+
 
 def write_json_atomic(path: Path, data: Any, *, fsync: bool = True) -> None:
     """Replace ``path`` with ``data`` as JSON, atomically; durably when ``fsync``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(data, fh, indent=1, sort_keys=True)
-            fh.write("\n")
-            if fsync:
-                fh.flush()
-                os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    if fsync:
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+    text = json.dumps(data, indent=1, sort_keys=True) + "\n"
+    write_bytes_atomic(path, text.encode("utf-8"), mode=0o600, fsync=fsync)
 
 
 def read_json(path: Path, default: Any) -> Any:
