@@ -62,7 +62,7 @@ def test_interrupt_during_write_keeps_the_old_file(
     def interrupted(fd: int) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("edgeloop.edge.store.os.fsync", interrupted)
+    monkeypatch.setattr("edgeloop.fileio.os.fsync", interrupted)
     with pytest.raises(KeyboardInterrupt):
         write_json_atomic(path, {"version": 2})
     monkeypatch.undo()
