@@ -277,6 +277,9 @@ def render_config(cfg: BrokerConfig) -> str:
     return conf
 
 
+ROTATE_PATTERN = "edgeloop/certificates/%u/rotate"
+
+
 def _check_topic(topic: str, name: str) -> str:
     _token(topic, name)
     if "%u" not in topic.split("/"):
@@ -299,6 +302,11 @@ def render_acl(rules: AclRules) -> str:
     ``$aws/provisioning-templates/<template>/provision/<format>``) and *reads* their
     ``/accepted`` and ``/rejected`` replies. Templates not listed get nothing.
 
+    Every certificate may also write ``edgeloop/certificates/<its CN>/rotate`` and read
+    its replies: the interim ``cert:<hex>`` certificate a claim obtains trades itself
+    there for one named after its thing (``edgeloop.cloud.provisioning``, which refuses
+    any other CN). Claims are denied it, as they are the device patterns.
+
     Mind that MQTT has no reply-to-one-connection: a reply published on
     ``$aws/certificates/create/json/accepted`` reaches every claim connected at that
     moment, and CreateKeysAndCertificate's reply carries a private key (CreateCertificate
@@ -308,6 +316,12 @@ def render_acl(rules: AclRules) -> str:
     lines += ["# Devices: their own topics; %u is the certificate's CN."]
     patterns = [_check_topic(topic, "device_patterns") for topic in rules.device_patterns]
     lines += [f"pattern readwrite {topic}" for topic in patterns]
+    lines += ["# An interim certificate (CN cert:<hex>) trades itself for its thing's here."]
+    lines += [
+        f"pattern write {ROTATE_PATTERN}",
+        f"pattern read {ROTATE_PATTERN}/accepted",
+        f"pattern read {ROTATE_PATTERN}/rejected",
+    ]
     for template in sorted(set(rules.claim_templates)):
         if not _TEMPLATE.match(template):
             raise ValidationError(
@@ -319,7 +333,8 @@ def render_acl(rules: AclRules) -> str:
         lines += ["", f"# Claim certificates of template {template!r}: provisioning only."]
         lines += [f"user {user}"]
         # `deny` is checked before any grant, the patterns' grants included.
-        lines += [f"topic deny {topic.replace('%u', user)}" for topic in patterns]
+        denied = [*patterns, ROTATE_PATTERN, f"{ROTATE_PATTERN}/+"]
+        lines += [f"topic deny {topic.replace('%u', user)}" for topic in denied]
         for request in (
             "$aws/certificates/create",
             "$aws/certificates/create-from-csr",

@@ -14,12 +14,20 @@ Topics (requests; answers go to the request topic plus ``/accepted`` or ``/rejec
     $aws/provisioning-templates/{T}/provision/json      {certificateOwnershipToken,
                                                          parameters: {str: str}}
         accepted: {deviceConfiguration: {str: str}, thingName}
-    rejected (all three): {statusCode, errorCode, errorMessage}
+    edgeloop/certificates/{CN}/rotate                   {certificateId,
+                                                         certificateSigningRequest}
+        accepted: {certificateId, certificatePem, thingName}
+    rejected (all four): {statusCode, errorCode, errorMessage}
+
+The fourth is edgeloop's, not AWS's: see "Rotation" below.
 
 =====================  ======  ====================================================
 rejection              status  errorCode
 =====================  ======  ====================================================
 not a claim identity   403     Unauthorized
+(rotate: not an interim        (rotate: the topic's CN, the certificate's CN, its
+certificate)                   status or its thing do not fit)
+create turned off      403     Unauthorized (``allow_create_keys=False``)
 claim of another T     403     InvalidTemplate
 T not registered       404     InvalidTemplate
 payload not JSON/shape 400     InvalidPayload
@@ -45,6 +53,16 @@ certificates, and the device starts over, as AWS devices do when a token has exp
 Because the certificate exists before its thing is named, its CN is a provisional
 ``cert:<32 hex>`` rather than the thing name: see the closing note of
 :class:`ProvisioningService`.
+
+Rotation. Mosquitto takes a device's username (the ACL's ``%u``) from its certificate's
+CN, so an interim ``cert:<hex>`` certificate cannot use its thing's topics. Once
+provisioned, the device connects with it and publishes a CSR on
+``edgeloop/certificates/<its CN>/rotate`` (the broker lets each certificate write only
+its own CN's topic, claims none); the answer is a certificate whose CN is the thing the
+interim one was attached to, recorded ACTIVE for that thing, and the interim certificate
+turns INACTIVE (in the registry: the broker checks only the CRL, so it could still
+connect, to no avail: it can write only its rotate topic, and rotation refuses it now).
+Only the CSR form exists: no private key crosses the wire.
 
 Thing naming (the registry's claim templates have no configuration column yet, so this
 is fixed, plus :class:`TemplateRules` given to the service): the ``thingName`` parameter
@@ -96,6 +114,7 @@ from edgeloop.core.errors import (
 __all__ = [
     "PROVISIONAL_CN_PREFIX",
     "REQUEST_FILTERS",
+    "ROTATE_FILTER",
     "ClientIdentity",
     "HookDecision",
     "PreProvisioningHook",
@@ -105,6 +124,7 @@ __all__ = [
     "command_hook",
     "parse_decision",
     "parse_request_topic",
+    "rotate_topic",
 ]
 
 log = logging.getLogger("edgeloop.cloud.provisioning")
@@ -114,6 +134,7 @@ REQUEST_FILTERS = (
     "$aws/certificates/create-from-csr/+",
     "$aws/provisioning-templates/+/provision/+",
 )
+ROTATE_FILTER = "edgeloop/certificates/+/rotate"
 PROVISIONAL_CN_PREFIX = "cert:"
 TEMPLATE_ATTRIBUTE = "provisioningTemplate"
 THING_NAME_PARAMETER = "thingName"
@@ -122,9 +143,10 @@ DEFAULT_HOOK_TIMEOUT = 5.0  # AWS: the hook must return within 5 seconds
 
 _CREATE = re.compile(r"^\$aws/certificates/(create|create-from-csr)/([^/]+)$")
 _PROVISION = re.compile(r"^\$aws/provisioning-templates/([^/]+)/provision/([^/]+)$")
+_ROTATE = re.compile(r"^edgeloop/certificates/([^/]+)/rotate$")
 
 Publish = Callable[[str, bytes], None]
-Operation = Literal["create", "create-from-csr", "provision"]
+Operation = Literal["create", "create-from-csr", "provision", "rotate"]
 
 
 @dataclass(frozen=True)
@@ -169,6 +191,12 @@ class ProvisioningRequest:
     operation: Operation
     payload_format: str  # "json" (served) or "cbor" (not)
     template: str | None  # the provision topic's template
+    common_name: str | None = None  # the rotate topic's certificate CN
+
+
+def rotate_topic(common_name: str) -> str:
+    """Where the holder of the interim certificate ``common_name`` asks for its final one."""
+    return f"edgeloop/certificates/{common_name}/rotate"
 
 
 def parse_request_topic(topic: str) -> ProvisioningRequest | None:
@@ -180,6 +208,9 @@ def parse_request_topic(topic: str) -> ProvisioningRequest | None:
     match = _PROVISION.match(topic)
     if match is not None:
         return ProvisioningRequest(topic, "provision", match.group(2), match.group(1))
+    match = _ROTATE.match(topic)
+    if match is not None:
+        return ProvisioningRequest(topic, "rotate", "json", None, match.group(1))
     return None
 
 
@@ -244,11 +275,9 @@ class ProvisioningService:
     ``handle`` is synchronous and may wait for a hook (up to its timeout): call it from a
     worker thread, not an event loop. It is safe to call from several threads.
 
-    Open point for the broker wiring: Mosquitto takes the username (hence the ACL's
-    ``%u``) from a certificate's CN, and a certificate made by ``create`` has to exist
-    before the provision call names its thing; so its CN is ``cert:<hex>``, and the
-    thing it is attached to must be mapped from the registry (certificate id → thing)
-    for the broker's ACL and the API to treat it as that thing.
+    A certificate made by ``create`` exists before the provision call names its thing, so
+    its CN is ``cert:<hex>``; the device then rotates it for one named after its thing
+    (see "Rotation" in the module docstring), which is what the broker's ACL keys on.
     """
 
     def __init__(
@@ -261,6 +290,7 @@ class ProvisioningService:
         clock: Callable[[], float] = time.time,
         rules: Mapping[str, TemplateRules] | None = None,
         max_pending: int = 10_000,
+        allow_create_keys: bool = True,
     ) -> None:
         if token_ttl <= 0:
             raise ValidationError("must be a positive number of seconds", field="token_ttl")
@@ -271,8 +301,10 @@ class ProvisioningService:
         self.clock = clock
         self.rules = dict(rules or {})
         self.max_pending = max_pending
+        self.allow_create_keys = allow_create_keys
         self._pending: dict[str, _Pending] = {}
         self._lock = threading.Lock()
+        self._rotating = threading.Lock()  # one rotation at a time: a CN rotates once
 
     @property
     def pending_count(self) -> int:
@@ -298,6 +330,9 @@ class ProvisioningService:
             if request.operation == "provision":
                 assert request.template is not None
                 answer = self._provision(request.template, payload, client)
+            elif request.operation == "rotate":
+                assert request.common_name is not None
+                answer = self._rotate(request.common_name, payload, client)
             else:
                 answer = self._create(request.operation, payload, client)
         except _Rejected as err:
@@ -317,6 +352,15 @@ class ProvisioningService:
         self, operation: Operation, payload: bytes, client: ClientIdentity
     ) -> dict[str, str]:
         template = self._authorize(client, None)
+        if operation == "create" and not self.allow_create_keys:
+            raise _Rejected(
+                403,
+                "Unauthorized",
+                "CreateKeysAndCertificate ($aws/certificates/create/json) is turned off on this "
+                "cloud: its answer carries a private key, and on a shared broker answers reach "
+                "every connected claim holder. Use CreateCertificateFromCsr "
+                "($aws/certificates/create-from-csr/json) with a key made on the device.",
+            )
         body = _parse_body(payload, empty_ok=operation == "create")
         csr: bytes | None = None
         if operation == "create-from-csr":
@@ -393,6 +437,68 @@ class ProvisioningService:
         )
         rules = self.rules.get(template.name, TemplateRules())
         return {"deviceConfiguration": dict(rules.device_configuration), "thingName": thing.name}
+
+    def _rotate(self, common_name: str, payload: bytes, client: ClientIdentity) -> dict[str, str]:
+        """The final certificate of the thing an interim certificate was provisioned for."""
+        if (
+            client.kind != "thing"
+            or client.name != common_name
+            or not common_name.startswith(PROVISIONAL_CN_PREFIX)
+        ):
+            raise _Rejected(
+                403,
+                "Unauthorized",
+                f"only an interim certificate (CN {PROVISIONAL_CN_PREFIX}...) may rotate, and "
+                "only on its own CN's topic",
+            )
+        body = _parse_body(payload, empty_ok=False)
+        certificate_id, csr = body.get("certificateId"), body.get("certificateSigningRequest")
+        if not isinstance(certificate_id, str) or not certificate_id:
+            raise _Rejected(
+                400, "InvalidPayload", "certificateId must be the interim certificate's id"
+            )
+        if not isinstance(csr, str) or not csr.strip():
+            raise _Rejected(
+                400, "InvalidPayload", "certificateSigningRequest must be a PEM CSR string"
+            )
+        registry = self.ctx.registry
+        with self._rotating:
+            try:
+                interim = registry.get_certificate(certificate_id)
+            except NotFoundError as err:
+                raise _Rejected(403, "Unauthorized", "the certificate is not registered") from err
+            if _common_name(interim.pem) != common_name:
+                raise _Rejected(
+                    403, "Unauthorized", f"certificate {certificate_id} is not {common_name!r}"
+                )
+            if interim.kind != "device" or interim.status != "ACTIVE" or interim.thing is None:
+                raise _Rejected(
+                    403,
+                    "Unauthorized",
+                    f"certificate {interim.certificate_id} cannot rotate: it is "
+                    f"{interim.status}{'' if interim.thing else ', of no thing'} (provision "
+                    "again with the claim)",
+                )
+            thing = interim.thing
+            try:
+                issued = self.ctx.ca.issue_device_certificate(thing, csr_pem=csr.encode())
+            except PkiError as err:
+                raise _Rejected(400, "InvalidCertificateSigningRequest", str(err)) from err
+            registry.record_certificate(
+                issued.certificate_pem, thing=thing, certificate_id=issued.certificate_id
+            )
+            registry.set_certificate_status(interim.certificate_id, "INACTIVE")
+        log.info(
+            "thing %r rotated from interim certificate %s to %s",
+            thing,
+            interim.certificate_id,
+            issued.certificate_id,
+        )
+        return {
+            "certificateId": issued.certificate_id,
+            "certificatePem": issued.certificate_pem.decode(),
+            "thingName": thing,
+        }
 
     # -- steps ------------------------------------------------------------------------------
 
@@ -589,6 +695,16 @@ def _thing_name(template: str, parameters: Mapping[str, str]) -> str:
         return check_thing_name(name, field=where)
     except ValidationError as err:
         raise _Rejected(400, "ResourceRegistrationFailure", str(err)) from err
+
+
+def _common_name(pem: str) -> str | None:
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+
+    names = x509.load_pem_x509_certificate(pem.encode()).subject.get_attributes_for_oid(
+        NameOID.COMMON_NAME
+    )
+    return str(names[0].value) if names else None
 
 
 def _who(client: ClientIdentity) -> str:

@@ -1,5 +1,5 @@
 """`edgeloop cloud up`: the API, the database, the object store, the broker, and the MQTT
-services (shadows, connectivity) as one running install.
+services (shadows, connectivity, provisioning by claim) as one running install.
 
 Everything of an embedded install lives in one data folder, and a restart resumes it:
 the CA, the database (SQLite by default), objects, the broker's persistence and ports. The
@@ -13,14 +13,23 @@ import contextlib
 import json
 import logging
 import signal
+import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from edgeloop.cloud.broker import Broker, BrokerConfig, ServiceLogin
+from edgeloop.cloud.broker import AclRules, Broker, BrokerConfig, ServiceLogin
 from edgeloop.cloud.context import CloudContext
+from edgeloop.cloud.provisioning import (
+    REQUEST_FILTERS,
+    ROTATE_FILTER,
+    ClientIdentity,
+    ProvisioningService,
+    parse_request_topic,
+)
 from edgeloop.cloud.shadow_service import REQUEST_FILTER, ShadowService
 from edgeloop.core.errors import CloudError, EdgeloopError
 from edgeloop.core.names import is_thing_name
@@ -29,6 +38,7 @@ log = logging.getLogger("edgeloop.cloud")
 
 CONNECTIVITY_FILTER = "edgeloop/things/+/connectivity"
 ENDPOINTS_FILE = "endpoints.json"
+CLAIM_TEMPLATE_POLL = 1.0  # seconds between looks for claim templates new to the broker
 
 
 def connectivity_topic(thing: str) -> str:
@@ -48,15 +58,29 @@ class CloudSettings:
 
 
 class MqttServices:
-    """The cloud's own MQTT client: it serves shadow requests and records connectivity.
+    """The cloud's own MQTT client: shadows, connectivity and provisioning by claim.
 
     paho runs its network loop in a thread. Shadow requests are handed to the event loop,
     where the shadow book (shared with the API) lives; connectivity goes straight to the
-    registry, which is thread-safe.
+    registry, which is thread-safe; fleet-provisioning and rotation requests run in worker
+    threads, as a pre-provisioning hook may take seconds.
+
+    Provisioning trusts the topic for who asks: the broker's ACL lets only claims of
+    template T write the create topics and T's provision topic, and only the certificate
+    CN X write ``edgeloop/certificates/X/rotate``. CreateKeysAndCertificate is refused
+    unless ``allow_create_keys``: its answer carries a private key and, MQTT having no
+    reply-to-one-connection, reaches every connected claim holder. Answers echo the
+    request's MQTT 5 correlation data, so that concurrent devices tell theirs apart.
     """
 
     def __init__(
-        self, ctx: CloudContext, login: ServiceLogin, loop: asyncio.AbstractEventLoop
+        self,
+        ctx: CloudContext,
+        login: ServiceLogin,
+        loop: asyncio.AbstractEventLoop,
+        *,
+        allow_create_keys: bool = False,
+        provisioning_workers: int = 4,
     ) -> None:
         import paho.mqtt.client as mqtt
         from paho.mqtt.enums import CallbackAPIVersion
@@ -73,6 +97,11 @@ class MqttServices:
         self.client.on_message = self._on_message
         self._login = login
         self.shadows = ShadowService(ctx.shadows, self._publish)
+        self.provisioning = ProvisioningService(
+            ctx, self._publish_answer, allow_create_keys=allow_create_keys
+        )
+        self._workers = ThreadPoolExecutor(provisioning_workers, "provisioning")
+        self._request = threading.local()  # the request a worker answers (correlation)
         self.connected = asyncio.Event()
 
     def start(self) -> None:
@@ -83,17 +112,32 @@ class MqttServices:
 
     def stop(self) -> None:
         """Disconnect and end paho's thread."""
+        self._workers.shutdown(wait=True, cancel_futures=True)
         self.client.disconnect()
         self.client.loop_stop()
 
     def _publish(self, topic: str, payload: bytes) -> None:
         self.client.publish(topic, payload, qos=1)
 
+    def _publish_answer(self, topic: str, payload: bytes) -> None:
+        correlation = getattr(self._request, "correlation", None)
+        if correlation is None:
+            self._publish(topic, payload)
+            return
+        from paho.mqtt.packettypes import PacketTypes
+        from paho.mqtt.properties import Properties
+
+        properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+        properties.CorrelationData = correlation
+        self.client.publish(topic, payload, qos=1, properties=properties)
+
     def _on_connect(self, client: Any, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
         if reason.is_failure:
             log.error("cloud services could not log in to the broker: %s", reason)
             return
-        client.subscribe([(REQUEST_FILTER, 1), (CONNECTIVITY_FILTER, 1)])
+        # The request topics only: answers to them are published here, not served.
+        provisioning = [(topic, 1) for topic in (*REQUEST_FILTERS, ROTATE_FILTER)]
+        client.subscribe([(REQUEST_FILTER, 1), (CONNECTIVITY_FILTER, 1), *provisioning])
         self.loop.call_soon_threadsafe(self.connected.set)
 
     def _on_message(self, client: Any, userdata: Any, message: Any) -> None:
@@ -103,6 +147,28 @@ class MqttServices:
             self.loop.call_soon_threadsafe(self._serve_shadow, topic, payload)
         elif topic.endswith("/connectivity"):
             self._record_connectivity(topic, payload)
+        else:
+            props = getattr(message, "properties", None)
+            correlation = getattr(props, "CorrelationData", None) if props else None
+            self._workers.submit(self._serve_provisioning, topic, payload, correlation)
+
+    def _serve_provisioning(self, topic: str, payload: bytes, correlation: bytes | None) -> None:
+        request = parse_request_topic(topic)
+        if request is None:
+            return
+        if request.operation == "rotate":
+            assert request.common_name is not None
+            client = ClientIdentity("thing", request.common_name)
+        else:
+            # "": which claim sent a create request, the topic does not say.
+            client = ClientIdentity("claim", request.template or "")
+        self._request.correlation = correlation
+        try:
+            self.provisioning.handle(topic, payload, client=client)
+        except Exception:
+            log.exception("provisioning request on %s failed", topic)
+        finally:
+            self._request.correlation = None
 
     def _serve_shadow(self, topic: str, payload: bytes) -> None:
         try:
@@ -139,6 +205,35 @@ class MqttServices:
             log.warning("connectivity of %s not recorded: %s", thing, err)
 
 
+def claim_templates(ctx: CloudContext) -> tuple[str, ...]:
+    """Names of the registry's claim templates, for the broker's ACL."""
+    from sqlalchemy import select
+
+    from edgeloop.cloud.db import ClaimTemplateRow
+
+    # The registry has no listing of templates yet; this reads its table directly.
+    with ctx.registry.db.read() as session:
+        return tuple(sorted(session.scalars(select(ClaimTemplateRow.name))))
+
+
+async def follow_claim_templates(ctx: CloudContext, broker: Broker) -> None:
+    """Keep the broker's ACL listing every claim template (templates made by the API too).
+
+    The API creates templates without telling anyone (it holds no broker), so this looks
+    every CLAIM_TEMPLATE_POLL seconds: a claim made through the API can be used about a
+    second later. The query reads one small table.
+    """
+    while True:
+        await asyncio.sleep(CLAIM_TEMPLATE_POLL)
+        try:
+            names = await asyncio.to_thread(claim_templates, ctx)
+            if names != broker.cfg.acl.claim_templates:
+                await broker.reload(acl=replace(broker.cfg.acl, claim_templates=names))
+                log.info("the broker now admits claims of templates %s", ", ".join(names))
+        except Exception:
+            log.exception("could not bring the broker's claim templates up to date")
+
+
 def _server_identity(ctx: CloudContext, folder: Path, host: str) -> tuple[Path, Path]:
     """The broker's TLS certificate and key, issued once and kept."""
     cert, key = folder / "server.pem", folder / "server.key"
@@ -162,6 +257,7 @@ class Cloud:
         self.services: MqttServices | None = None
         self._api: Any = None
         self._api_task: asyncio.Task[None] | None = None
+        self._templates_task: asyncio.Task[None] | None = None
 
     async def start(self) -> dict[str, Any]:
         """Bring everything up; returns the endpoints (also written to endpoints.json).
@@ -199,6 +295,7 @@ class Cloud:
                 server_key=key,
                 host=s.host,
                 base_port=s.port + 1,
+                acl=AclRules(claim_templates=await asyncio.to_thread(claim_templates, ctx)),
             )
         )
         ports = await self.broker.start()
@@ -215,6 +312,9 @@ class Cloud:
                 await self.services.connected.wait()
         except TimeoutError as err:
             raise CloudError("the cloud's services could not connect to its broker") from err
+        self._templates_task = asyncio.create_task(
+            follow_claim_templates(ctx, broker), name="claim-templates"
+        )
 
         config = uvicorn.Config(
             create_app(ctx), host=s.host, port=s.port, log_level="warning", lifespan="off"
@@ -250,6 +350,10 @@ class Cloud:
             if self._api_task is not None:
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(self._api_task, 10)
+        if self._templates_task is not None:
+            self._templates_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._templates_task
         if self.services is not None:
             self.services.stop()
         if self.broker is not None:
