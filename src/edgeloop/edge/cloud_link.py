@@ -41,6 +41,14 @@ Reconciliation runs for the changed shadow on each local change, for every known
 ``sync_interval`` seconds, and for a shadow whose ``/update/documents`` the cloud
 announces. Updates the hub applies from the cloud carry a ``clientToken`` starting with
 ``SYNC_TOKEN``, which the local listener ignores, so they are never pushed back.
+
+``provision_by_claim`` turns a factory claim into the hub's own identity, before the
+link starts: with the claim it asks CreateCertificateFromCsr (the key never leaves the
+hub) and the template's provision, which names its thing; the certificate it gets has a
+provisional CN (``cert:<hex>``), so it reconnects with it only to trade it, on
+``edgeloop/certificates/<CN>/rotate``, for a certificate named after the thing (a second
+key made here). Answers on a shared broker reach every claim connected at that moment,
+so each request carries MQTT 5 correlation data and the hub takes only its own answers.
 """
 
 from __future__ import annotations
@@ -51,10 +59,13 @@ import copy
 import itertools
 import json
 import logging
+import os
+import queue
 import random
 import re
 import secrets
 import ssl
+import tempfile
 import threading
 import time
 from collections import deque
@@ -79,6 +90,7 @@ __all__ = [
     "apply_patch",
     "backoff",
     "connectivity_topic",
+    "provision_by_claim",
     "reconcile",
     "state_patch",
 ]
@@ -90,6 +102,7 @@ SYNC_TOKEN = "edgeloop-sync-"
 
 REQUEST_TIMEOUT = 5.0  # seconds for the cloud to answer one request (retried after)
 RETRY_DELAY = 2.0  # seconds before a failed reconciliation is tried again
+PROVISIONING_TIMEOUT = 20.0  # seconds one provisioning request may take (hooks: up to 5)
 STOP_TIMEOUT = 3.0  # seconds a graceful stop waits for the offline message to be taken
 _MIN_BACKOFF = 0.5
 _SHADOW_TOPIC = re.compile(
@@ -836,3 +849,231 @@ class ShadowSync:
         else:
             self._records[name] = {"version": version}
         self._save()
+
+
+# -- provisioning by claim -------------------------------------------------------------
+# The topics are the cloud's contract (AWS IoT fleet provisioning, plus edgeloop's
+# rotation); the edge does not import the cloud's code, so they are spelled out here.
+_CREATE_FROM_CSR = "$aws/certificates/create-from-csr/json"
+
+
+def _provision_topic(template: str) -> str:
+    return f"$aws/provisioning-templates/{template}/provision/json"
+
+
+def _rotate_topic(common_name: str) -> str:
+    return f"edgeloop/certificates/{common_name}/rotate"
+
+
+def _new_key_and_csr() -> tuple[bytes, str]:
+    """A new EC P-256 key (PEM) and a CSR for it; the cloud sets the subject itself."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "edgeloop-hub")]))
+        .sign(key, hashes.SHA256())
+    )
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    return key_pem, csr.public_bytes(serialization.Encoding.PEM).decode()
+
+
+def _common_name(certificate_pem: str) -> str:
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+
+    try:
+        cert = x509.load_pem_x509_certificate(certificate_pem.encode())
+    except ValueError as err:
+        raise CloudError(f"the cloud sent a certificate that is not PEM ({err})") from err
+    names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    if not names:
+        raise CloudError("the cloud sent a certificate without a subject CN")
+    return str(names[0].value)
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    """Write ``data`` readable by the owner only, atomically."""
+    temporary = path.with_name(f".{path.name}.tmp")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as file:
+        file.write(data)
+    os.replace(temporary, path)
+
+
+class _Exchange:
+    """One short MQTT 5 connection that sends requests and waits for their answers."""
+
+    def __init__(
+        self, settings: CloudConnection, cert: Path, key: Path, client_id: str, who: str
+    ) -> None:
+        import paho.mqtt.client as mqtt
+        from paho.mqtt.enums import CallbackAPIVersion
+
+        self.settings = settings
+        self.who = who
+        self._client = mqtt.Client(
+            CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5
+        )
+        try:
+            self._client.tls_set(ca_certs=str(settings.ca), certfile=str(cert), keyfile=str(key))
+        except (OSError, ValueError) as err:
+            raise CloudError(f"cannot use {who} ({cert}, {key}, {settings.ca}): {err}") from err
+        self._client.on_connect = self._on_connect
+        self._client.on_message = self._on_message
+        self._client.on_subscribe = self._on_subscribe
+        self._client.on_publish = self._on_publish
+        self._events: queue.Queue[tuple[str, Any]] = queue.Queue()
+        self._correlation = b""
+
+    def __enter__(self) -> _Exchange:
+        s = self.settings
+        try:
+            self._client.connect(s.host, s.port, keepalive=s.keepalive)
+        except (OSError, ssl.SSLError, ValueError) as err:
+            raise CloudError(
+                f"cannot reach the cloud at {s.endpoint} with {self.who}: {err}"
+            ) from err
+        self._client.loop_start()
+        try:
+            _, reason = self._next("connect", PROVISIONING_TIMEOUT)
+            if reason.is_failure:
+                raise CloudError(f"the cloud at {s.endpoint} refused {self.who}: {reason}")
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._client.disconnect()
+        self._client.loop_stop()
+
+    def request(self, topic: str, body: JsonObject, what: str) -> JsonObject:
+        """Publish ``body`` on ``topic``; the accepted answer, or CloudError with the reason."""
+        from paho.mqtt.packettypes import PacketTypes
+
+        self._client.subscribe([(f"{topic}/accepted", 1), (f"{topic}/rejected", 1)])
+        self._next("subscribe", PROVISIONING_TIMEOUT)
+        self._correlation = secrets.token_bytes(16)
+        properties = _paho_properties(PacketTypes.PUBLISH)
+        properties.CorrelationData = self._correlation
+        payload = json.dumps(body)
+        # A template the cloud made a moment ago reaches its broker's ACL within about a
+        # second: a publish refused as not authorized is tried again a few times.
+        for attempt in range(6):
+            self._client.publish(topic, payload, qos=1, properties=properties)
+            kind, value = self._next("answer", PROVISIONING_TIMEOUT, also=("published",))
+            if kind == "published" and value.is_failure:
+                if attempt < 5:
+                    time.sleep(1.0)
+                    continue
+                raise CloudError(
+                    f"{what}: the cloud's broker does not let {self.who} publish on {topic} "
+                    f"({value}); is the claim's template registered in the cloud?"
+                )
+            if kind == "published":
+                kind, value = self._next("answer", PROVISIONING_TIMEOUT)
+            break
+        outcome, document = value
+        if outcome == "rejected":
+            raise CloudError(
+                f"{what} was refused by the cloud: {document.get('statusCode')} "
+                f"{document.get('errorCode')}: {document.get('errorMessage')}"
+            )
+        if not isinstance(document, dict):
+            raise CloudError(f"{what}: the cloud's answer is not a JSON object")
+        return document
+
+    def _next(self, kind: str, timeout: float, also: tuple[str, ...] = ()) -> tuple[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                event = self._events.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                raise CloudError(
+                    f"the cloud at {self.settings.endpoint} did not answer {self.who} within "
+                    f"{timeout:g} s (waiting for its {kind})"
+                ) from None
+            if event[0] == kind or event[0] in also:
+                return event
+
+    # paho callbacks (its thread)
+    def _on_connect(self, client: Any, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+        self._events.put(("connect", reason))
+
+    def _on_subscribe(self, client: Any, userdata: Any, mid: int, reasons: Any, props: Any) -> None:
+        self._events.put(("subscribe", reasons))
+
+    def _on_publish(self, client: Any, userdata: Any, mid: int, reason: Any, props: Any) -> None:
+        self._events.put(("published", reason))
+
+    def _on_message(self, client: Any, userdata: Any, message: Any) -> None:
+        props = getattr(message, "properties", None)
+        if getattr(props, "CorrelationData", None) != self._correlation:
+            return  # another device's answer: the broker sends them to every claim
+        outcome = "accepted" if message.topic.endswith("/accepted") else "rejected"
+        try:
+            document = json.loads(message.payload)
+        except ValueError:
+            document = {"errorMessage": "the cloud's answer is not JSON"}
+        self._events.put(("answer", (outcome, document)))
+
+
+def provision_by_claim(settings: CloudConnection) -> str:
+    """Get the hub its own certificate and thing with its claim; the thing's name.
+
+    Writes ``settings.key`` and ``settings.cert`` (0600) when done; CloudError, naming
+    the step and the cloud's reason, when the cloud refuses or does not answer.
+    """
+    claim = settings.claim
+    if claim is None:
+        raise CloudError("the hub has no claim to provision itself with (cloud.claim)")
+    template = claim.template
+    interim_key, csr = _new_key_and_csr()
+    who = f"the claim of template {template!r}"
+    client_id = f"claim-{template}-{secrets.token_hex(6)}"
+    with _Exchange(settings, claim.cert, claim.key, client_id, who) as exchange:
+        created = exchange.request(
+            _CREATE_FROM_CSR, {"certificateSigningRequest": csr}, "CreateCertificateFromCsr"
+        )
+        provisioned = exchange.request(
+            _provision_topic(template),
+            {
+                "certificateOwnershipToken": created.get("certificateOwnershipToken"),
+                "parameters": dict(claim.parameters),
+            },
+            f"provisioning through template {template!r}",
+        )
+    thing = provisioned.get("thingName")
+    interim_pem = created.get("certificatePem")
+    if not isinstance(thing, str) or not isinstance(interim_pem, str):
+        raise CloudError("the cloud's provisioning answer lacks thingName or certificatePem")
+    interim_cn = _common_name(interim_pem)
+    log.info("provisioned as thing %r; trading interim certificate %s", thing, interim_cn)
+    final_key, csr = _new_key_and_csr()
+    with tempfile.TemporaryDirectory(prefix=".provisioning-", dir=settings.cert.parent) as tmp:
+        cert_path, key_path = Path(tmp) / "interim.pem", Path(tmp) / "interim.key"
+        _write_private(cert_path, interim_pem.encode())
+        _write_private(key_path, interim_key)
+        who = f"interim certificate {interim_cn}"
+        with _Exchange(settings, cert_path, key_path, interim_cn, who) as exchange:
+            rotated = exchange.request(
+                _rotate_topic(interim_cn),
+                {"certificateId": created.get("certificateId"), "certificateSigningRequest": csr},
+                f"rotating to thing {thing!r}'s certificate",
+            )
+    final_pem = rotated.get("certificatePem")
+    if not isinstance(final_pem, str) or _common_name(final_pem) != thing:
+        raise CloudError(f"the cloud's rotation answer is not a certificate of thing {thing!r}")
+    _write_private(settings.key, final_key)
+    _write_private(settings.cert, final_pem.encode())
+    log.info("the hub is thing %r; its certificate is %s", thing, settings.cert)
+    return thing

@@ -12,6 +12,18 @@ plus optional ``keepalive``, ``session_expiry``, ``queue_limit``, ``sync_interva
 ``reconnect_max`` (see ``CloudConnection``). Relative paths are under the hub's root. The
 certificate's subject CN is the thing name the cloud knows the hub by: it becomes the
 hub's thing name unless one is set, and a thing name set otherwise must equal it.
+
+A factory image instead ships a claim, and no device certificate yet::
+
+    "cloud": {"endpoint": "HOST:PORT", "ca": "ca.pem",
+              "claim": {"cert": "claim.pem", "key": "claim.key", "template": "T",
+                        "parameters": {"SerialNumber": "123"}}}
+
+On a start without the device certificate (``cert``, default ``device.cert.pem``; ``key``,
+default ``device.key.pem``) the hub provisions itself by claim
+(``edgeloop.edge.cloud_link.provision_by_claim``) before anything else, stores its new
+certificate and key there (0600) and writes their names into ``agent.json``; once they
+exist the claim is not used again. A refusal stops the agent with the cloud's reason.
 """
 
 from __future__ import annotations
@@ -94,6 +106,20 @@ class Layout:
         return self.logs / f"{name}.log"
 
 
+DEVICE_CERT = "device.cert.pem"
+DEVICE_KEY = "device.key.pem"
+
+
+@dataclass(frozen=True, kw_only=True)
+class ClaimSettings:
+    """A claim certificate that may only ask, through ``template``, for a real identity."""
+
+    cert: Path
+    key: Path
+    template: str
+    parameters: dict[str, str] = field(default_factory=dict)  # e.g. SerialNumber
+
+
 @dataclass(frozen=True, kw_only=True)
 class CloudConnection:
     """How the hub reaches its cloud's MQTT broker (mutual TLS)."""
@@ -108,6 +134,7 @@ class CloudConnection:
     queue_limit: int = 1000  # messages held while offline before publishes are refused
     sync_interval: float = 300.0  # seconds between full shadow reconciliations; 0: off
     reconnect_max: float = 30.0  # cap of the jittered reconnect backoff, seconds
+    claim: ClaimSettings | None = None  # how to get ``cert`` when it does not exist yet
 
     @property
     def endpoint(self) -> str:
@@ -146,6 +173,8 @@ class AgentSettings:
                 doc = json.loads(path.read_text(encoding="utf-8"))
             except ValueError as err:
                 raise ValidationError(f"not valid JSON ({err})", source=str(path)) from err
+            if _needs_provisioning(doc, root, str(path)):
+                doc = _provision(doc, root, path)
             settings = settings.with_document(doc, source=str(path))
             named = named or "thing_name" in doc
         given = {k: v for k, v in overrides.items() if v is not None}
@@ -230,14 +259,15 @@ _CLOUD_NUMBERS: dict[str, type] = {
 _MIN_INT.update({"cloud.keepalive": 5, "cloud.queue_limit": 1})
 
 
-def _cloud(value: Any, root: Path, source: str) -> CloudConnection:
+def _cloud(value: Any, root: Path, source: str, *, identity_exists: bool = True) -> CloudConnection:
+    """The ``cloud`` key; with ``identity_exists=False`` cert and key may be missing files."""
     if not isinstance(value, dict):
         raise ValidationError(
             'must be an object: {"endpoint": "HOST:PORT", "cert": FILE, "key": FILE, "ca": FILE}',
             source=source,
             field="cloud",
         )
-    known = ("endpoint", *_CLOUD_PATHS, *_CLOUD_NUMBERS)
+    known = ("endpoint", "claim", *_CLOUD_PATHS, *_CLOUD_NUMBERS)
     for key in value:
         if key not in known:
             raise ValidationError(
@@ -245,25 +275,95 @@ def _cloud(value: Any, root: Path, source: str) -> CloudConnection:
                 source=source,
                 field=f"cloud.{key}",
             )
+    claim = None if value.get("claim") is None else _claim(value["claim"], root, source)
+    if claim is not None:
+        value = {"cert": DEVICE_CERT, "key": DEVICE_KEY, **value}
     for key in ("endpoint", *_CLOUD_PATHS):
         if not isinstance(value.get(key), str) or not value[key]:
             raise ValidationError("is required (a string)", source=source, field=f"cloud.{key}")
     host, port = parse_endpoint(value["endpoint"], source=source, field="cloud.endpoint")
     paths: dict[str, Path] = {}
     for key in _CLOUD_PATHS:
-        path = Path(value[key]).expanduser()
-        path = path if path.is_absolute() else root / path
-        if not path.is_file():
-            raise ValidationError(f"{path} is not a file", source=source, field=f"cloud.{key}")
-        paths[key] = path
+        paths[key] = _path(value[key], root)
+        if (identity_exists or key == "ca") and not paths[key].is_file():
+            raise ValidationError(
+                f"{paths[key]} is not a file", source=source, field=f"cloud.{key}"
+            )
     numbers: dict[str, Any] = {
         key: _typed(f"cloud.{key}", value[key], kind, source)
         for key, kind in _CLOUD_NUMBERS.items()
         if key in value
     }
     return CloudConnection(
-        host=host, port=port, cert=paths["cert"], key=paths["key"], ca=paths["ca"], **numbers
+        host=host,
+        port=port,
+        cert=paths["cert"],
+        key=paths["key"],
+        ca=paths["ca"],
+        claim=claim,
+        **numbers,
     )
+
+
+def _path(value: str, root: Path) -> Path:
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else root / path
+
+
+def _claim(value: Any, root: Path, source: str) -> ClaimSettings:
+    shape = '{"cert": FILE, "key": FILE, "template": NAME, "parameters": {NAME: STRING}}'
+    if not isinstance(value, dict):
+        raise ValidationError(f"must be an object: {shape}", source=source, field="cloud.claim")
+    for key in value:
+        if key not in ("cert", "key", "template", "parameters"):
+            raise ValidationError(
+                f"unknown key; expected {shape}", source=source, field=f"cloud.claim.{key}"
+            )
+    for key in ("cert", "key", "template"):
+        if not isinstance(value.get(key), str) or not value[key]:
+            raise ValidationError(
+                "is required (a string)", source=source, field=f"cloud.claim.{key}"
+            )
+    paths = {key: _path(value[key], root) for key in ("cert", "key")}
+    for key, path in paths.items():
+        if not path.is_file():
+            raise ValidationError(
+                f"{path} is not a file", source=source, field=f"cloud.claim.{key}"
+            )
+    parameters = value.get("parameters") or {}
+    if not isinstance(parameters, dict) or not all(
+        isinstance(item, str) for item in parameters.values()
+    ):
+        raise ValidationError(
+            "must be an object of string values (as AWS fleet provisioning takes them)",
+            source=source,
+            field="cloud.claim.parameters",
+        )
+    return ClaimSettings(
+        cert=paths["cert"], key=paths["key"], template=value["template"], parameters=parameters
+    )
+
+
+def _needs_provisioning(doc: Any, root: Path, source: str) -> bool:
+    """Whether ``doc`` has a claim and no device certificate yet."""
+    value = doc.get("cloud") if isinstance(doc, dict) else None
+    if not isinstance(value, dict) or value.get("claim") is None:
+        return False
+    cloud = _cloud(value, root, source, identity_exists=False)
+    return not cloud.cert.exists()
+
+
+def _provision(doc: dict[str, Any], root: Path, path: Path) -> dict[str, Any]:
+    """Provision by claim, then point ``agent.json`` at the new identity; the new document."""
+    from edgeloop.edge.cloud_link import provision_by_claim  # loads paho only when needed
+
+    cloud = _cloud(doc["cloud"], root, str(path), identity_exists=False)
+    provision_by_claim(cloud)
+    updated = {**doc, "cloud": {"cert": DEVICE_CERT, "key": DEVICE_KEY, **doc["cloud"]}}
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(json.dumps(updated, indent=1) + "\n", encoding="utf-8")
+    os.replace(temporary, path)
+    return updated
 
 
 def parse_endpoint(endpoint: str, *, source: str, field: str) -> tuple[str, int]:
