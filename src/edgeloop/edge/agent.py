@@ -33,7 +33,7 @@ from edgeloop.edge.ipc.pubsub import PubSub
 from edgeloop.edge.ipc.server import IpcServer
 from edgeloop.edge.process import ProcessGroups
 from edgeloop.edge.recipes import RecipeStore
-from edgeloop.edge.settings import AgentSettings
+from edgeloop.edge.settings import AgentSettings, Layout, provision_if_needed
 from edgeloop.edge.shadows import LocalShadows
 from edgeloop.edge.store import HubStore
 from edgeloop.edge.supervisor import Supervisor
@@ -311,16 +311,14 @@ def _configure_logging(settings: AgentSettings) -> None:
     root.handlers[:] = [file_handler, console]
 
 
-def _refuse_second_agent(settings: AgentSettings) -> None:
-    if not settings.layout.control_socket.exists():
+def _refuse_second_agent(root: Path) -> None:
+    if not Layout(root).control_socket.exists():
         return
     status = None
-    with contextlib.suppress(AgentError), ControlClient(settings.root, timeout=2.0) as client:
+    with contextlib.suppress(AgentError), ControlClient(root, timeout=2.0) as client:
         status = client.call("status")  # a stale socket of a dead agent does not answer
     if status is not None:
-        raise AgentError(
-            f"an agent (pid {status.get('pid')}) already runs the hub at {settings.root}"
-        )
+        raise AgentError(f"an agent (pid {status.get('pid')}) already runs the hub at {root}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -330,12 +328,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--thing-name")
     parser.add_argument("--health-window", type=float)
     args = parser.parse_args(argv)
+    root = args.root.resolve()
     try:
+        check_socket_path(Layout(root).control_socket)
+        _refuse_second_agent(root)
+        _configure_logging(AgentSettings(root=root))  # so provisioning is logged too
+        provision_if_needed(root)
         settings = AgentSettings.load(
-            args.root.resolve(), thing_name=args.thing_name, health_window=args.health_window
+            root, thing_name=args.thing_name, health_window=args.health_window
         )
-        check_socket_path(settings.layout.control_socket)
-        _refuse_second_agent(settings)
         _configure_logging(settings)
         agent = Agent(settings)
         asyncio.run(agent.run())

@@ -173,8 +173,6 @@ class AgentSettings:
                 doc = json.loads(path.read_text(encoding="utf-8"))
             except ValueError as err:
                 raise ValidationError(f"not valid JSON ({err})", source=str(path)) from err
-            if _needs_provisioning(doc, root, str(path)):
-                doc = _provision(doc, root, path)
             settings = settings.with_document(doc, source=str(path))
             named = named or "thing_name" in doc
         given = {k: v for k, v in overrides.items() if v is not None}
@@ -342,6 +340,22 @@ def _claim(value: Any, root: Path, source: str) -> ClaimSettings:
     return ClaimSettings(
         cert=paths["cert"], key=paths["key"], template=value["template"], parameters=parameters
     )
+
+
+def provision_if_needed(root: Path) -> bool:
+    """Provision the hub by claim when ``agent.json`` has a claim and no device certificate
+    yet (network I/O: the agent calls this at start, not ``load``); True when it did."""
+    path = root / "agent.json"
+    if not path.exists():
+        return False
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as err:
+        raise ValidationError(f"not valid JSON ({err})", source=str(path)) from err
+    if not _needs_provisioning(doc, root, str(path)):
+        return False
+    _provision(doc, root, path)
+    return True
 
 
 def _needs_provisioning(doc: Any, root: Path, source: str) -> bool:
