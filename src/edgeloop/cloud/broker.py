@@ -67,7 +67,6 @@ import re
 import secrets
 import signal
 import socket
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -78,6 +77,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from edgeloop.core.errors import CloudError, ValidationError
+from edgeloop.fileio import write_bytes_atomic
 
 __all__ = [
     "AclRules",
@@ -443,21 +443,6 @@ def check_crl(crl_pem: bytes, ca_chain_pem: bytes) -> list[x509.CertificateRevoc
 # --- the running broker --------------------------------------------------------------------
 
 
-def _write(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Write atomically, so Mosquitto never reads half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _varint(value: int) -> bytes:
     out = bytearray()
     while True:
@@ -612,7 +597,7 @@ class Broker:
             raise CloudError(f"broker ca_chain {self.cfg.ca_chain}: {err.strerror}") from err
         check_crl(crl_pem, chain)
         self.cfg.crl_path.parent.mkdir(parents=True, exist_ok=True)
-        _write(self.cfg.crl_path, crl_pem)
+        write_bytes_atomic(self.cfg.crl_path, crl_pem)
         if self._supervisor is None:
             return
         if keep_connections:
@@ -714,7 +699,7 @@ class Broker:
                 log.info("a chosen port was taken before mosquitto bound it; again: %s", err)
                 continue
             ports = json.dumps({"device": device, "service": service}).encode()
-            _write(cfg.data_dir / "ports.json", ports)
+            write_bytes_atomic(cfg.data_dir / "ports.json", ports)
             return
 
     def _remembered_ports(self) -> tuple[int, int] | None:
@@ -740,7 +725,9 @@ class Broker:
     async def _spawn(self) -> None:
         """Start Mosquitto with the current files; return once it answers."""
         cfg = self.cfg
-        _write(cfg.conf_path, render_config(self._effective_config()).encode(), 0o600)
+        write_bytes_atomic(
+            cfg.conf_path, render_config(self._effective_config()).encode(), mode=0o600
+        )
         offset = self._log_size()
         with cfg.log_path.open("ab") as out:
             try:
@@ -906,14 +893,16 @@ class Broker:
             secret = ""
         if not secret:
             secret = secrets.token_urlsafe(32)
-            _write(path, secret.encode(), 0o600)
+            write_bytes_atomic(path, secret.encode(), mode=0o600)
         return secret
 
     def _write_auth_files(self) -> None:
         cfg = self.cfg
-        _write(cfg.device_acl_path, render_acl(cfg.acl).encode())
-        _write(cfg.service_acl_path, render_service_acl(cfg.service_user).encode())
-        _write(cfg.password_path, password_line(cfg.service_user, self._password).encode(), 0o600)
+        write_bytes_atomic(cfg.device_acl_path, render_acl(cfg.acl).encode())
+        write_bytes_atomic(cfg.service_acl_path, render_service_acl(cfg.service_user).encode())
+        write_bytes_atomic(
+            cfg.password_path, password_line(cfg.service_user, self._password).encode(), mode=0o600
+        )
 
     def _rotate_log(self) -> None:
         path = self.cfg.log_path
