@@ -17,6 +17,7 @@ import os
 import re
 import socket
 import time
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
@@ -87,23 +88,62 @@ app.add_typer(shadow_app, name="shadow")
 # == the REST client ======================================================================
 
 
-def resolve_url(url: str | None) -> str:
-    """The API's base URL (without /api/v1): the option or env, else the local install's."""
-    if not url:
-        data_dir = default_cloud_data()
-        try:
-            url = str(json.loads((data_dir / ENDPOINTS_FILE).read_text())["api"])
-        except FileNotFoundError:
-            raise CloudError(
-                f"no cloud to talk to: pass --url or set $EDGELOOP_CLOUD, or start one in "
-                f"{data_dir} with: edgeloop cloud up"
-            ) from None
-        except (OSError, ValueError, KeyError, TypeError) as err:
-            raise CloudError(f"{data_dir / ENDPOINTS_FILE}: unreadable ({err})") from err
+@dataclass(frozen=True)
+class CloudAccess:
+    """Where the API is and how to be let in: its CA (for HTTPS) and the operator token."""
+
+    url: str  # without /api/v1
+    ca_file: str | None = None
+    token: str | None = None
+
+
+def _local_install() -> tuple[Path, dict[str, Any] | None]:
+    data_dir = default_cloud_data()
+    try:
+        endpoints = json.loads((data_dir / ENDPOINTS_FILE).read_text())
+    except FileNotFoundError:
+        return data_dir, None
+    except (OSError, ValueError) as err:
+        raise CloudError(f"{data_dir / ENDPOINTS_FILE}: unreadable ({err})") from err
+    if not isinstance(endpoints, dict) or not isinstance(endpoints.get("api"), str):
+        raise CloudError(f"{data_dir / ENDPOINTS_FILE}: no 'api' address in it")
+    return data_dir, endpoints
+
+
+def _normalized(url: str) -> str:
     if "://" not in url:
         url = f"http://{url}"
-    url = url.rstrip("/")
-    return url.removesuffix(API_PATH)
+    return url.rstrip("/").removesuffix(API_PATH)
+
+
+def resolve_access(url: str | None) -> CloudAccess:
+    """The API to call: ``url`` (the option or $EDGELOOP_CLOUD), else the local install's.
+
+    The CA file and the operator token come from $EDGELOOP_CA_FILE and $EDGELOOP_TOKEN,
+    else from the local install when it is the cloud being called.
+    """
+    data_dir, local = _local_install()
+    if not url and local is None:
+        raise CloudError(
+            f"no cloud to talk to: pass --url or set $EDGELOOP_CLOUD, or start one in "
+            f"{data_dir} with: edgeloop cloud up"
+        )
+    resolved = _normalized(url or str(local["api"] if local else ""))
+    ca_file = os.environ.get("EDGELOOP_CA_FILE") or None
+    token = os.environ.get("EDGELOOP_TOKEN") or None
+    if local is not None and _normalized(str(local["api"])) == resolved:
+        ca_file = ca_file or local.get("caFile")
+        if token is None and local.get("tokenFile"):
+            try:
+                token = Path(local["tokenFile"]).read_text().strip() or None
+            except OSError:
+                token = None  # a cloud without --tls does not ask for it
+    return CloudAccess(resolved, ca_file, token)
+
+
+def resolve_url(url: str | None) -> str:
+    """The API's base URL (without /api/v1): the option or env, else the local install's."""
+    return resolve_access(url).url
 
 
 class CloudClient:
@@ -112,8 +152,20 @@ class CloudClient:
     def __init__(self, url: str | None) -> None:
         import httpx  # here, not at the top: every other edgeloop command would pay for it
 
-        self.url = resolve_url(url)
-        self._http = httpx.Client(base_url=self.url + API_PATH, timeout=TIMEOUT)
+        access = resolve_access(url)
+        self.url = access.url
+        verify: Any = True
+        if access.ca_file:
+            import ssl
+
+            try:
+                verify = ssl.create_default_context(cafile=access.ca_file)
+            except (OSError, ssl.SSLError) as err:
+                raise CloudError(f"the CA file {access.ca_file} is unusable: {err}") from err
+        headers = {"Authorization": f"Bearer {access.token}"} if access.token else {}
+        self._http = httpx.Client(
+            base_url=self.url + API_PATH, timeout=TIMEOUT, verify=verify, headers=headers
+        )
 
     def __enter__(self) -> CloudClient:
         return self
@@ -145,7 +197,12 @@ class CloudClient:
 
         try:
             response = self._http.request(method, path, json=json_body, params=params)
-        except httpx.ConnectError:
+        except httpx.ConnectError as err:
+            if "CERTIFICATE_VERIFY_FAILED" in str(err):
+                raise CloudError(
+                    f"the certificate of the cloud at {self.url} is not trusted: set "
+                    "$EDGELOOP_CA_FILE to its CA file (caFile in its endpoints.json)"
+                ) from None
             raise CloudError(
                 f"no cloud is answering at {self.url} (start one with: edgeloop cloud up)"
             ) from None
@@ -202,6 +259,14 @@ def up(
         str | None,
         typer.Option(help="An S3 endpoint for objects (default: files in the data folder)."),
     ] = None,
+    tls: Annotated[
+        bool,
+        typer.Option(
+            "--tls",
+            help="Serve the API over HTTPS: things call it with their certificates, "
+            "operators with the token in the data folder's api-token. Needed beyond loopback.",
+        ),
+    ] = False,
     as_json: JsonOption = False,
 ) -> None:
     """Run the cloud in the foreground: API, database, object store, broker, services.
@@ -225,11 +290,13 @@ def up(
             console.print(f"  API docs     {api}/docs", highlight=False)
             console.print(f"  MQTT (mTLS)  {mqtt['host']}:{mqtt['port']}", highlight=False)
             console.print(f"  CA file      {endpoints['caFile']}", highlight=False)
+            if api.startswith("https:"):
+                console.print(f"  API token    {endpoints['tokenFile']}", highlight=False)
             console.print("Ctrl-C stops it.")
         console.file.flush()
 
     settings = CloudSettings(
-        data_dir=data_dir, host=host, port=port, db_url=db, s3_endpoint=s3_endpoint
+        data_dir=data_dir, host=host, port=port, db_url=db, s3_endpoint=s3_endpoint, tls=tls
     )
     try:
         asyncio.run(Cloud(settings).serve_forever(ready))

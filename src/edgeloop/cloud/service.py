@@ -13,14 +13,17 @@ import contextlib
 import json
 import logging
 import signal
+import ssl
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
+from edgeloop.cloud.apiauth import TOKEN_FILE, ApiAuth, TlsAwareH11Protocol, load_or_create_token
 from edgeloop.cloud.broker import AclRules, Broker, BrokerConfig, ServiceLogin
 from edgeloop.cloud.context import CloudContext
 from edgeloop.cloud.provisioning import (
@@ -55,6 +58,37 @@ class CloudSettings:
     port: int = 8440  # the API's; the broker's ports are chosen just above it
     db_url: str | None = None
     s3_endpoint: str | None = None
+    tls: bool = False  # HTTPS, with things' certificates and the operator token
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def raise_open_file_limit() -> int:
+    """Raise this process's open-file limit to its hard limit (children inherit it).
+
+    Every connected hub holds one of the broker's file descriptors; a default soft limit
+    of 1,024 would refuse the 1,021st hub.
+    """
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError) as err:
+            log.warning("could not raise the open-file limit from %d: %s", soft, err)
+    return soft
 
 
 class MqttServices:
@@ -205,6 +239,11 @@ class MqttServices:
             log.warning("connectivity of %s not recorded: %s", thing, err)
 
 
+def _certificate_facts(ctx: CloudContext, certificate_id: str) -> tuple[str, str | None, str]:
+    cert = ctx.registry.get_certificate(certificate_id)
+    return cert.kind, cert.thing, cert.status
+
+
 def claim_templates(ctx: CloudContext) -> tuple[str, ...]:
     """Names of the registry's claim templates, for the broker's ACL."""
     from sqlalchemy import select
@@ -264,7 +303,14 @@ class Cloud:
 
         On any failure what was started is stopped again, and a CloudError says why.
         """
+        if not self.settings.tls and not _is_loopback(self.settings.host):
+            raise CloudError(
+                f"the API would be plain HTTP without authentication on {self.settings.host}: "
+                "serve it beyond loopback with --tls (HTTPS, things' certificates and the "
+                "operator token)"
+            )
         _check_port_free(self.settings.host, self.settings.port)
+        raise_open_file_limit()
         try:
             return await self._start()
         except BaseException:
@@ -316,8 +362,20 @@ class Cloud:
             follow_claim_templates(ctx, broker), name="claim-templates"
         )
 
+        token = await asyncio.to_thread(load_or_create_token, s.data_dir)
+        app: Any = create_app(ctx)
+        tls: dict[str, Any] = {}
+        if s.tls:
+            app = ApiAuth(app, token=token, lookup=partial(_certificate_facts, ctx))
+            tls = {
+                "http": TlsAwareH11Protocol,
+                "ssl_certfile": str(cert),
+                "ssl_keyfile": str(key),
+                "ssl_ca_certs": str(ctx.ca.chain_path),
+                "ssl_cert_reqs": ssl.CERT_OPTIONAL,
+            }
         config = uvicorn.Config(
-            create_app(ctx), host=s.host, port=s.port, log_level="warning", lifespan="off"
+            app, host=s.host, port=s.port, log_level="warning", lifespan="off", **tls
         )
         self._api = uvicorn.Server(config)
         api = self._api
@@ -335,7 +393,8 @@ class Cloud:
                     )
                 await asyncio.sleep(0.02)
         endpoints = {
-            "api": f"http://{s.host}:{s.port}",
+            "api": f"{'https' if s.tls else 'http'}://{s.host}:{s.port}",
+            "tokenFile": str(s.data_dir / TOKEN_FILE),
             "mqtt": {"host": ports.host, "port": ports.device},
             "caFile": str(ctx.ca.chain_path),
             "dataDir": str(s.data_dir),
