@@ -122,6 +122,13 @@ def test_hubs_provision_by_claim_rotate_and_go_online(cloud: RunningCloud, tmp_p
     acl = Path(cloud.endpoints["dataDir"]) / "broker" / "device.acl"
     eventually(lambda: f"user claim:{template}" in acl.read_text(), "the broker admits the claim")
 
+    # Another holder of the same claim listens wherever answers could reach it.
+    eavesdropper = _Listener(cloud, claim, f"claim-{template}-listener")
+    eavesdropper.subscribe(
+        "$aws/certificates/create-from-csr/json/accepted",
+        f"$aws/provisioning-templates/{template}/provision/json/accepted",
+        "edgeloop/replies/#",
+    )
     serials = [f"sn-{uuid.uuid4().hex[:6]}" for _ in range(3)]
     hubs = [_hub(cloud, tmp_path / s, claim, template, s) for s in serials]
     refused = _hub(cloud, tmp_path / "stolen", claim, template, "stolen-1")
@@ -164,9 +171,53 @@ def test_hubs_provision_by_claim_rotate_and_go_online(cloud: RunningCloud, tmp_p
         assert not (refused.root / "device.cert.pem").exists()
         assert "claim" in json.loads((refused.root / "agent.json").read_text())["cloud"]
         assert cloud.api.get(f"/things/{template}-stolen-1").status_code == 404
+
+        # The hubs' answers went to their private reply topics: the eavesdropper saw none,
+        # though a request of its own without a response topic is answered where it listens.
+        assert eavesdropper.received == []
+        eavesdropper.client.publish(
+            "$aws/certificates/create-from-csr/json",
+            json.dumps({"certificateSigningRequest": _csr()}),
+            qos=1,
+        )
+        topic, document = eventually(
+            lambda: eavesdropper.received and eavesdropper.received[-1], "the shared answer"
+        )
+        assert topic == "$aws/certificates/create-from-csr/json/accepted"
+        assert "certificateOwnershipToken" in document
     finally:
+        eavesdropper.close()
         for hub in [*hubs, refused]:
             hub.stop()
+
+
+class _Listener:
+    """A paho MQTT 5 client with a claim certificate, recording what it receives."""
+
+    def __init__(self, cloud: RunningCloud, claim: tuple[Path, Path], client_id: str) -> None:
+        self.received: list[tuple[str, dict[str, Any]]] = []
+        self.client = mqtt.Client(
+            CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5
+        )
+        self.client.tls_set(
+            ca_certs=cloud.endpoints["caFile"], certfile=str(claim[0]), keyfile=str(claim[1])
+        )
+        self.client.on_message = lambda c, u, m: self.received.append(
+            (m.topic, json.loads(m.payload))
+        )
+        subscribed: list[Any] = []
+        self.client.on_subscribe = lambda c, u, mid, codes, props: subscribed.append(codes)
+        self._subscribed = subscribed
+        self.client.connect(cloud.endpoints["mqtt"]["host"], cloud.endpoints["mqtt"]["port"])
+        self.client.loop_start()
+
+    def subscribe(self, *topics: str) -> None:
+        self.client.subscribe([(topic, 1) for topic in topics])
+        eventually(lambda: self._subscribed, "the SUBACK", timeout=10)
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
 
 
 def test_create_keys_is_refused_and_claims_cannot_rotate(

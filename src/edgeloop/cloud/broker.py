@@ -278,6 +278,9 @@ def render_config(cfg: BrokerConfig) -> str:
 
 
 ROTATE_PATTERN = "edgeloop/certificates/%u/rotate"
+# Where the cloud answers a request whose MQTT 5 Response Topic is under the asker's client
+# id (edgeloop.cloud.provisioning): readable by that client id alone, written by no device.
+PRIVATE_REPLY_PATTERN = "edgeloop/replies/%c/#"
 
 
 def _check_topic(topic: str, name: str) -> str:
@@ -310,12 +313,18 @@ def render_acl(rules: AclRules) -> str:
     Mind that MQTT has no reply-to-one-connection: a reply published on
     ``$aws/certificates/create/json/accepted`` reaches every claim connected at that
     moment, and CreateKeysAndCertificate's reply carries a private key (CreateCertificate
-    FromCsr's does not). AWS IoT answers only the asking connection; Mosquitto cannot.
+    FromCsr's does not). AWS IoT answers only the asking connection; Mosquitto cannot. So
+    every client may read ``edgeloop/replies/<its client id>/#`` (and none may write it):
+    a request naming a Response Topic there is answered there alone, which is what
+    edgeloop's hubs do. Clients that subscribe to the shared reply topics (AWS's SDK) get
+    the shared answers.
     """
     lines = ["# Written by edgeloop (edgeloop.cloud.broker); edits are overwritten."]
     lines += ["# Devices: their own topics; %u is the certificate's CN."]
     patterns = [_check_topic(topic, "device_patterns") for topic in rules.device_patterns]
     lines += [f"pattern readwrite {topic}" for topic in patterns]
+    lines += ["# Private replies: a client reads its own client id's reply topics only."]
+    lines += [f"pattern read {PRIVATE_REPLY_PATTERN}"]
     lines += ["# An interim certificate (CN cert:<hex>) trades itself for its thing's here."]
     lines += [
         f"pattern write {ROTATE_PATTERN}",

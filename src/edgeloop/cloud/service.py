@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 import signal
 import ssl
 import threading
@@ -40,6 +41,9 @@ from edgeloop.core.names import is_thing_name
 log = logging.getLogger("edgeloop.cloud")
 
 CONNECTIVITY_FILTER = "edgeloop/things/+/connectivity"
+# A request's MQTT 5 Response Topic honoured for its answers: under edgeloop/replies/<client
+# id>/, which the broker lets that client id alone read (broker.PRIVATE_REPLY_PATTERN).
+PRIVATE_REPLY_TOPIC = re.compile(r"^edgeloop/replies/[^/+#\x00]+/[^+#\x00]+$")
 ENDPOINTS_FILE = "endpoints.json"
 CLAIM_TEMPLATE_POLL = 1.0  # seconds between looks for claim templates new to the broker
 
@@ -154,6 +158,9 @@ class MqttServices:
         self.client.publish(topic, payload, qos=1)
 
     def _publish_answer(self, topic: str, payload: bytes) -> None:
+        reply = getattr(self._request, "reply", None)
+        if reply is not None:  # the asker's private reply topic, instead of the shared one
+            topic = f"{reply}/{topic.rsplit('/', 1)[1]}"
         correlation = getattr(self._request, "correlation", None)
         if correlation is None:
             self._publish(topic, payload)
@@ -184,9 +191,16 @@ class MqttServices:
         else:
             props = getattr(message, "properties", None)
             correlation = getattr(props, "CorrelationData", None) if props else None
-            self._workers.submit(self._serve_provisioning, topic, payload, correlation)
+            reply = getattr(props, "ResponseTopic", None) if props else None
+            if reply is not None and not PRIVATE_REPLY_TOPIC.match(reply):
+                # Anything else could make the cloud publish where the asker may not.
+                log.warning("ignored response topic %r of a request on %s", reply, topic)
+                reply = None
+            self._workers.submit(self._serve_provisioning, topic, payload, correlation, reply)
 
-    def _serve_provisioning(self, topic: str, payload: bytes, correlation: bytes | None) -> None:
+    def _serve_provisioning(
+        self, topic: str, payload: bytes, correlation: bytes | None, reply: str | None = None
+    ) -> None:
         request = parse_request_topic(topic)
         if request is None:
             return
@@ -197,12 +211,14 @@ class MqttServices:
             # "": which claim sent a create request, the topic does not say.
             client = ClientIdentity("claim", request.template or "")
         self._request.correlation = correlation
+        self._request.reply = reply
         try:
             self.provisioning.handle(topic, payload, client=client)
         except Exception:
             log.exception("provisioning request on %s failed", topic)
         finally:
             self._request.correlation = None
+            self._request.reply = None
 
     def _serve_shadow(self, topic: str, payload: bytes) -> None:
         try:

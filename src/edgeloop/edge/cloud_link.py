@@ -855,6 +855,7 @@ class ShadowSync:
 # The topics are the cloud's contract (AWS IoT fleet provisioning, plus edgeloop's
 # rotation); the edge does not import the cloud's code, so they are spelled out here.
 _CREATE_FROM_CSR = "$aws/certificates/create-from-csr/json"
+_PRIVATE_REPLIES = "edgeloop/replies"  # + /<client id>/...: readable by that client alone
 
 
 def _provision_topic(template: str) -> str:
@@ -933,6 +934,7 @@ class _Exchange:
         self._client.on_publish = self._on_publish
         self._events: queue.Queue[tuple[str, Any]] = queue.Queue()
         self._correlation = b""
+        self._client_id = client_id
 
     def __enter__(self) -> _Exchange:
         s = self.settings
@@ -960,11 +962,15 @@ class _Exchange:
         """Publish ``body`` on ``topic``; the accepted answer, or CloudError with the reason."""
         from paho.mqtt.packettypes import PacketTypes
 
-        self._client.subscribe([(f"{topic}/accepted", 1), (f"{topic}/rejected", 1)])
+        # Answers come to a reply topic that only this client id may read: on AWS's shared
+        # .../accepted topic they would reach every claim holder connected at the time.
+        reply = f"{_PRIVATE_REPLIES}/{self._client_id}/{secrets.token_hex(4)}"
+        self._client.subscribe([(f"{reply}/accepted", 1), (f"{reply}/rejected", 1)])
         self._next("subscribe", PROVISIONING_TIMEOUT)
         self._correlation = secrets.token_bytes(16)
         properties = _paho_properties(PacketTypes.PUBLISH)
         properties.CorrelationData = self._correlation
+        properties.ResponseTopic = reply
         payload = json.dumps(body)
         # A template the cloud made a moment ago reaches its broker's ACL within about a
         # second: a publish refused as not authorized is tried again a few times.
