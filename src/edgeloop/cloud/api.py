@@ -33,6 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from edgeloop import __version__
+from edgeloop.cloud.api_components import component_router
 from edgeloop.cloud.context import CloudContext
 from edgeloop.cloud.pki import IssuedCertificate, load_certificate
 from edgeloop.cloud.registry import MAX_PAGE, Certificate, Thing
@@ -788,6 +789,7 @@ def create_app(ctx: CloudContext) -> FastAPI:
         )
 
     app.include_router(api)
+    app.include_router(component_router(ctx))
 
     # == errors: the one place they become HTTP ==========================================
 

@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from edgeloop.cloud.db import Database
 from edgeloop.cloud.objectstore import ObjectStore
 from edgeloop.cloud.pki import CertificateAuthority
 from edgeloop.cloud.registry import Registry
 from edgeloop.core.shadowbook import ShadowBook
+
+if TYPE_CHECKING:
+    from edgeloop.cloud.components import ComponentRegistry
+    from edgeloop.cloud.jobs import JobStore
 
 log = logging.getLogger("edgeloop.cloud")
 
@@ -54,6 +60,25 @@ class CloudContext:
             shadows=ShadowBook(registry.shadow_storage()),
             objects=objects or open_object_store(data_dir),
         )
+
+    @functools.cached_property
+    def components(self) -> ComponentRegistry:
+        """The component registry, with the install's URL-signing secret."""
+        from edgeloop.cloud.components import ComponentRegistry
+        from edgeloop.cloud.signing import UrlSigner
+
+        return ComponentRegistry(self.db, self.objects, UrlSigner.in_data_dir(self.data_dir))
+
+    @functools.cached_property
+    def jobs(self) -> JobStore:
+        """Jobs and their executions, shared by the API, the MQTT service and rollouts.
+
+        One store per install: its listeners (the MQTT notifications) must hear every
+        change, so the cloud's services touch it first, before serving anything.
+        """
+        from edgeloop.cloud.jobs import JobStore
+
+        return JobStore(self.db)
 
     def crl_pem(self) -> bytes:
         """The CRL of every certificate revoked so far, signed by the issuing CA."""
