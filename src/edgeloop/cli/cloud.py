@@ -77,12 +77,16 @@ cert_app = typer.Typer(help="Issue and revoke device certificates.", no_args_is_
 claim_app = typer.Typer(help="Claim certificates for provisioning.", no_args_is_help=True)
 fleet_app = typer.Typer(help="Query the fleet.", no_args_is_help=True)
 shadow_app = typer.Typer(help="Read and update device shadows.", no_args_is_help=True)
+component_app = typer.Typer(
+    help="Publish, list, show and delete components in the registry.", no_args_is_help=True
+)
 app.add_typer(thing_app, name="thing")
 app.add_typer(group_app, name="group")
 app.add_typer(cert_app, name="cert")
 app.add_typer(claim_app, name="claim")
 app.add_typer(fleet_app, name="fleet")
 app.add_typer(shadow_app, name="shadow")
+app.add_typer(component_app, name="component")
 
 
 # == the REST client ======================================================================
@@ -187,16 +191,21 @@ class CloudClient:
         params: dict[str, str] | None = None,
         what: str = "",
         fields: dict[str, str] | None = None,
+        content: Any = None,
+        missing_ok: bool = False,
     ) -> Any:
-        """The JSON answer of one request (None for 204).
+        """The JSON answer of one request (None for 204, and for 404 when ``missing_ok``).
 
         ``what`` names the resource in shadow errors (whose documents do not);
-        ``fields`` renames the API's field names to the command's option names.
+        ``fields`` renames the API's field names to the command's option names;
+        ``content`` is a raw body (bytes, a file, an iterator of bytes) instead of JSON.
         """
         import httpx
 
         try:
-            response = self._http.request(method, path, json=json_body, params=params)
+            response = self._http.request(
+                method, path, json=json_body, params=params, content=content
+            )
         except httpx.ConnectError as err:
             if "CERTIFICATE_VERIFY_FAILED" in str(err):
                 raise CloudError(
@@ -210,7 +219,7 @@ class CloudClient:
             raise CloudError(f"the cloud at {self.url} did not answer in {TIMEOUT:.0f} s") from None
         except (httpx.HTTPError, httpx.InvalidURL) as err:
             raise CloudError(f"cannot reach a cloud at {self.url}: {err}") from err
-        if response.status_code == 204:
+        if response.status_code == 204 or (missing_ok and response.status_code == 404):
             return None
         try:
             body = response.json()
@@ -806,6 +815,247 @@ def _state_json(text: str, option: str) -> Any:
     if value is not None and not isinstance(value, dict):
         raise ValidationError("must be a JSON object, or null to clear it", source=source)
     return value
+
+
+# == components ===========================================================================
+
+
+@component_app.command("publish")
+@one_line_errors
+def component_publish(
+    recipe: Annotated[
+        Path, typer.Argument(metavar="RECIPE", help="A recipe file: .json, .yaml or .yml.")
+    ],
+    artifacts: Annotated[
+        Path | None,
+        typer.Option(
+            "--artifacts",
+            metavar="DIR",
+            help="The folder of the recipe's artifact files: DIR/FILE or DIR/NAME/VERSION/FILE.",
+        ),
+    ] = None,
+    url: UrlOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Publish a component version: validate the recipe, upload the artifacts the registry
+    lacks, then the recipe (its artifact URIs become edgeloop://components/...)."""
+    from edgeloop.core.recipe import load_recipe
+    from edgeloop.core.registry_uri import is_registry_uri
+
+    parsed = load_recipe(recipe)  # the hub's parser: errors name the file and the field
+    if artifacts is not None and not artifacts.is_dir():
+        raise ValidationError(f"{artifacts} is not a folder", field="--artifacts")
+    files: dict[str, Path] = {}
+    for i, manifest in enumerate(parsed.manifests):
+        for j, artifact in enumerate(manifest.artifacts):
+            name = artifact.file_name
+            if name in files:
+                continue
+            local = _artifact_file(artifacts, parsed.name, str(parsed.version), name)
+            if local is not None:
+                files[name] = local
+            elif not is_registry_uri(artifact.uri):
+                where = (
+                    f"put it in {artifacts} (as {name}, or {parsed.name}/{parsed.version}/{name})"
+                    if artifacts is not None
+                    else "give the folder that holds it with --artifacts DIR"
+                )
+                raise ValidationError(
+                    f"artifact file {name!r} is not there: {where}",
+                    source=str(recipe),
+                    field=f"Manifests[{i}].Artifacts[{j}].Uri",
+                )
+    digests = {name: _sha256_file(path) for name, path in files.items()}
+    with CloudClient(url) as api:
+        missing = [
+            name
+            for name, sha in digests.items()
+            if api.call("GET", f"/components/blobs/{sha}", missing_ok=True) is None
+        ]
+        _upload(api, {name: (files[name], digests[name]) for name in missing}, quiet=as_json)
+        published = api.call(
+            "POST",
+            "/components",
+            json_body={
+                "recipe": recipe.read_bytes().decode("utf-8-sig"),
+                "format": "json" if recipe.suffix.lower() == ".json" else "yaml",
+                "artifacts": digests,
+                "source": str(recipe),
+            },
+        )
+    if as_json:
+        print_json({**published, "uploaded": sorted(missing)})
+        return
+    what = f"{escape(published['componentName'])} {escape(published['componentVersion'])}"
+    if not published["created"]:
+        console.print(f"{what} is already published with this content", highlight=False)
+        return
+    count = len(published["artifacts"])
+    console.print(
+        f"published {what}: {count} artifact{'s' if count != 1 else ''}, "
+        f"{_bytes(published['size'])} ({len(missing)} uploaded)",
+        highlight=False,
+    )
+
+
+def _artifact_file(folder: Path | None, name: str, version: str, file: str) -> Path | None:
+    if folder is None:
+        return None
+    for candidate in (folder / file, folder / name / version / file):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _sha256_file(path: Path) -> str:
+    import hashlib
+
+    hasher = hashlib.sha256()
+    try:
+        with path.open("rb") as handle:
+            while chunk := handle.read(1 << 20):
+                hasher.update(chunk)
+    except OSError as err:
+        raise ValidationError(f"cannot read it ({err.strerror})", source=str(path)) from err
+    return hasher.hexdigest()
+
+
+def _upload(api: CloudClient, blobs: dict[str, tuple[Path, str]], *, quiet: bool) -> None:
+    """PUT each file's bytes, streamed, with a progress bar on a terminal."""
+    from collections.abc import Iterator
+
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
+
+    if not blobs:
+        return
+    show = not quiet and console.is_terminal
+    total = sum(path.stat().st_size for path, _ in blobs.values())
+    with Progress(
+        TextColumn("uploading {task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        console=console,
+        transient=True,
+        disable=not show,
+    ) as progress:
+        task = progress.add_task("", total=total)
+        for name, (path, sha) in blobs.items():
+            progress.update(task, description=escape(name))
+
+            def chunks(path: Path = path) -> Iterator[bytes]:
+                with path.open("rb") as handle:
+                    while chunk := handle.read(1 << 20):
+                        progress.advance(task, len(chunk))
+                        yield chunk
+
+            api.call("PUT", f"/components/blobs/{sha}", content=chunks())
+
+
+@component_app.command("list")
+@one_line_errors
+def component_list(
+    prefix: Annotated[str, typer.Option(help="Only names starting with this.")] = "",
+    url: UrlOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """List the registry's components, with their versions newest first."""
+    with CloudClient(url) as api:
+        components = api.call("GET", "/components", params={"prefix": prefix})["components"]
+    if as_json:
+        print_json(components)
+        return
+    table = Table(title=f"{len(components)} component{'s' if len(components) != 1 else ''}")
+    for column in ("name", "latest", "versions", "description", "updated"):
+        table.add_column(column, overflow="fold")
+    for component in components:
+        table.add_row(
+            escape(component["componentName"]),
+            escape(component["latestVersion"]),
+            escape(", ".join(component["versions"])),
+            escape(component["description"]),
+            _when(component["updatedAt"]),
+        )
+    console.print(table)
+
+
+@component_app.command("show")
+@one_line_errors
+def component_show(
+    name: str,
+    version: Annotated[str | None, typer.Argument(help="One version (default: all).")] = None,
+    url: UrlOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Show a component's versions, or one version's artifacts, digests and sizes."""
+    with CloudClient(url) as api:
+        if version is None:
+            detail = api.call("GET", f"/components/{_q(name)}")
+        else:
+            detail = api.call("GET", f"/components/{_q(name)}/versions/{_q(version)}")
+    if as_json:
+        print_json(detail)
+        return
+    if version is None:
+        table = Table(title=f"component {escape(name)}")
+        for column in ("version", "artifacts", "size", "recipe sha256", "published"):
+            table.add_column(column, overflow="fold")
+        for item in detail["versions"]:
+            table.add_row(
+                escape(item["componentVersion"]),
+                str(len(item["artifacts"])),
+                _bytes(item["size"]),
+                item["recipeSha256"][:16],
+                _when(item["createdAt"]),
+            )
+        console.print(table)
+        return
+    console.print(
+        f"[bold]{escape(detail['componentName'])}[/bold] {escape(detail['componentVersion'])}, "
+        f"published {_when(detail['createdAt'])}",
+        highlight=False,
+    )
+    for label, key in (("description", "description"), ("publisher", "publisher")):
+        if detail[key]:
+            console.print(f"{label}: {escape(detail[key])}", highlight=False)
+    console.print(f"recipe sha256: {detail['recipeSha256']}", highlight=False)
+    if not detail["artifacts"]:
+        console.print("artifacts: none")
+        return
+    table = Table(title="artifacts")
+    for column in ("file", "size", "sha256", "uri"):
+        table.add_column(column, overflow="fold")
+    for artifact in detail["artifacts"]:
+        table.add_row(
+            escape(artifact["file"]),
+            _bytes(artifact["size"]),
+            artifact["sha256"],
+            escape(artifact["uri"]),
+        )
+    console.print(table)
+
+
+@component_app.command("delete")
+@one_line_errors
+def component_delete(
+    name: str, version: str, url: UrlOption = None, as_json: JsonOption = False
+) -> None:
+    """Delete a component version (refused while a deployment uses it)."""
+    with CloudClient(url) as api:
+        api.call("DELETE", f"/components/{_q(name)}/versions/{_q(version)}")
+    if as_json:
+        print_json({"componentName": name, "componentVersion": version, "deleted": True})
+        return
+    console.print(f"deleted {escape(name)} {escape(version)}", highlight=False)
+
+
+def _bytes(size: int) -> str:
+    """A size for people: 980 B, 12.3 kB, 4.5 MB."""
+    value = float(size)
+    for unit in ("B", "kB", "MB", "GB"):
+        if value < 1000 or unit == "GB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1000
+    return f"{size} B"
 
 
 # == formatting ===========================================================================

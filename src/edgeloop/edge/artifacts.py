@@ -7,11 +7,18 @@ Layout under the store's root::
     artifacts-unarchived/<component>/<version>/<stem>/...  {artifacts:decompressedPath}
     manifests/<component>/<version>.json                   what was staged; the commit mark
     tmp/                                                   staging areas, same file system
+    tmp/downloads/                                         downloads in progress (fetch.py)
 
 A version is staged in ``tmp/`` and renamed into place; its manifest is written last, so a
 version without a manifest is an interrupted stage that the next ``stage`` or ``gc`` clears.
 The store has one owner (the agent); its methods block on disk I/O, so call them from a
 worker thread (``asyncio.to_thread``) in async code.
+
+Downloads (``edgeloop.edge.fetch``) land in ``tmp/downloads/``, which ``gc`` spares
+(except files untouched for ``DOWNLOAD_MAX_AGE``), so an interrupted download survives a
+restart of the agent and continues. A fetch function that returns a file there hands it
+over: it is hard-linked into the stage rather than copied, and removed once the version
+is committed.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ import os
 import re
 import shutil
 import stat
+import time
 import uuid
 import zipfile
 import zlib
@@ -38,6 +46,7 @@ from edgeloop.core.errors import ArtifactError
 __all__ = [
     "DEFAULT_MAX_UNARCHIVED_BYTES",
     "DEFAULT_MAX_UNARCHIVED_ENTRIES",
+    "DOWNLOAD_MAX_AGE",
     "ArtifactSpec",
     "ArtifactStore",
     "GcResult",
@@ -46,6 +55,7 @@ __all__ = [
 ]
 
 DEFAULT_MAX_UNARCHIVED_BYTES = 1 << 30
+DOWNLOAD_MAX_AGE = 7 * 24 * 3600.0  # seconds a download may sit untouched before gc drops it
 DEFAULT_MAX_UNARCHIVED_ENTRIES = 100_000
 
 _CHUNK = 1 << 20
@@ -135,6 +145,7 @@ class _Fetched:
     incoming: Path
     sha256: str
     digests: dict[str, str] = field(default_factory=dict)
+    download: Path | None = None  # a finished download to remove once the stage commits
 
 
 class ArtifactStore:
@@ -155,8 +166,10 @@ class ArtifactStore:
         self._unarchived = root / "artifacts-unarchived"
         self._manifests = root / "manifests"
         self._tmp = root / "tmp"
+        self.downloads = self._tmp / "downloads"
         for folder in (self._blobs, self._artifacts, self._unarchived, self._manifests, self._tmp):
             folder.mkdir(parents=True, exist_ok=True)
+        self.downloads.mkdir(exist_ok=True)
 
     # -- queries -----------------------------------------------------------------------
 
@@ -255,6 +268,9 @@ class ArtifactStore:
                 _fsync_dir(dst.parent)
             manifest_path.parent.mkdir(parents=True, exist_ok=True)
             _write_atomic(manifest_path, json.dumps(manifest, indent=2, sort_keys=True).encode())
+            for item in fetched:
+                if item.download is not None:
+                    item.download.unlink(missing_ok=True)
             return final
         except BaseException:
             for path in reversed(created):
@@ -282,16 +298,33 @@ class ArtifactStore:
             raise ArtifactError(
                 f"cannot fetch {spec.uri}: {err}", source=source, field=f"Artifacts[{index}].Uri"
             ) from err
+        except ArtifactError as err:
+            if err.source is not None:
+                raise
+            # A fetcher knows the artifact, not where the recipe names it: say so here.
+            raise ArtifactError(
+                err.reason, source=source, field=f"Artifacts[{index}].{err.field or 'Uri'}"
+            ) from err
         incoming = work / f"incoming-{index}"
         hashers = {"sha256": hashlib.sha256(), algorithm: hashlib.new(algorithm)}
+        download = origin if origin.parent == self.downloads else None
         try:
-            with open(origin, "rb") as src, open(incoming, "xb") as dst:
-                while chunk := src.read(_CHUNK):
-                    for hasher in hashers.values():
-                        hasher.update(chunk)
-                    dst.write(chunk)
-                dst.flush()
-                os.fsync(dst.fileno())
+            if download is not None:
+                # Same file system: a link, not a copy; the download itself stays until
+                # the stage commits, so a failed stage does not cost it.
+                os.link(origin, incoming)
+                with open(incoming, "rb") as src:
+                    while chunk := src.read(_CHUNK):
+                        for hasher in hashers.values():
+                            hasher.update(chunk)
+            else:
+                with open(origin, "rb") as src, open(incoming, "xb") as dst:
+                    while chunk := src.read(_CHUNK):
+                        for hasher in hashers.values():
+                            hasher.update(chunk)
+                        dst.write(chunk)
+                    dst.flush()
+                    os.fsync(dst.fileno())
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as err:
             raise ArtifactError(
                 f"artifact file for {spec.uri} not found: expected a file at {origin}; "
@@ -312,6 +345,7 @@ class ArtifactStore:
             incoming=incoming,
             sha256=hashers["sha256"].hexdigest(),
             digests={name: h.hexdigest() for name, h in hashers.items()},
+            download=download,
         )
         if spec.digest is not None:
             _verify(spec, item.digests[algorithm], algorithm, index, source)
@@ -397,7 +431,9 @@ class ArtifactStore:
                         _remove_path(entry)
                 _rmdir_if_empty(comp_dir)
         for leftover in list(self._tmp.iterdir()):
-            _remove_path(leftover)
+            if leftover != self.downloads:
+                _remove_path(leftover)
+        _drop_stale(self.downloads, DOWNLOAD_MAX_AGE)
 
         referenced: set[str] = set()
         for component, version in self.staged():
@@ -752,6 +788,17 @@ def _remove_path(path: Path) -> None:
     for dirpath, _dirnames, _files in os.walk(path):
         os.chmod(dirpath, 0o700)
     shutil.rmtree(path)
+
+
+def _drop_stale(folder: Path, max_age: float) -> None:
+    """Remove files in ``folder`` not modified for ``max_age`` seconds."""
+    cutoff = time.time() - max_age
+    for entry in list(folder.iterdir()):
+        try:
+            if entry.lstat().st_mtime < cutoff:
+                _remove_path(entry)
+        except FileNotFoundError:
+            pass
 
 
 def _rmdir_if_empty(path: Path) -> None:
