@@ -9,7 +9,10 @@ that PublishToIoTCore / SubscribeToIoTCore use, over paho-mqtt (MQTT 5, mutual T
   and a retained birth ``{"connected": true, "at": ms, "clientId": ...}`` on every connect;
   a graceful stop publishes ``{"connected": false}`` itself, as a normal DISCONNECT
   discards the will;
-- reconnects with capped, jittered exponential backoff;
+- reconnects with capped, jittered exponential backoff, and says why an attempt failed
+  (in the log once per distinct reason, and in ``status()["error"]``): with TLS 1.3 a
+  broker that refuses the hub's certificate (revoked, say) closes the connection after
+  the handshake, and only paho's own error log tells what the alert said;
 - while offline, publishes wait in a bounded in-memory queue and go out, in order, on the
   next connect; when it is full a publish is refused with an error (never dropped).
 
@@ -264,11 +267,12 @@ class CloudLink:
         rng: Callable[[], float] = random.random,
     ) -> None:
         import paho.mqtt.client as mqtt
-        from paho.mqtt.enums import CallbackAPIVersion
+        from paho.mqtt.enums import CallbackAPIVersion, LogLevel
 
         self.settings = settings
         self.thing = thing
         self._clock = clock
+        self._log_err = LogLevel.MQTT_LOG_ERR
         self._rng = rng
         self._client = mqtt.Client(
             CallbackAPIVersion.VERSION2, client_id=thing, protocol=mqtt.MQTTv5
@@ -289,11 +293,15 @@ class CloudLink:
         self._client.on_message = self._on_message
         self._client.on_subscribe = self._on_subscribe
         self._client.on_socket_register_write = lambda *_: None  # see the module docstring
+        self._client.on_log = self._on_log
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._closing = threading.Event()
         self._connected = False  # owned by the event loop
         self._since: float | None = None
+        self._error: str | None = None  # why the last attempt failed; owned by the event loop
+        self._attempt_error: str | None = None  # network thread: paho's error in this attempt
+        self._logged_error: str | None = None  # network thread: the reason last logged
         self._backlog: deque[_Outgoing] = deque()
         self._subscriptions: dict[int, _Subscription] = {}
         self._filters: dict[str, _Filter] = {}
@@ -308,12 +316,14 @@ class CloudLink:
         return self._connected
 
     def status(self) -> dict[str, Any]:
-        """For ``device status``: where, whether connected, since when, how much waits."""
+        """For ``device status``: where, whether connected, since when, how much waits, and
+        why the last attempt to connect failed (None once connected)."""
         return {
             "endpoint": self.settings.endpoint,
             "thingName": self.thing,
             "connected": self._connected,
             "since": self._since,
+            "error": self._error,
             "queued": len(self._backlog),
             "connects": self.connects,
         }
@@ -345,7 +355,7 @@ class CloudLink:
 
     def _run(self) -> None:
         """The network thread: connect, serve, and reconnect after jittered backoff."""
-        from paho.mqtt.client import MQTT_ERR_SUCCESS
+        from paho.mqtt.client import MQTT_ERR_SUCCESS, error_string
         from paho.mqtt.packettypes import PacketTypes
 
         properties = _paho_properties(PacketTypes.CONNECT)
@@ -354,13 +364,13 @@ class CloudLink:
         s = self.settings
         while not self._closing.is_set():
             connects = self.connects
+            self._attempt_error = None
             try:
                 self._client.connect(
                     s.host, s.port, keepalive=s.keepalive, clean_start=False, properties=properties
                 )
             except (OSError, ssl.SSLError, ValueError) as err:
-                if failures == 0:
-                    log.warning("cannot reach the cloud at %s: %s; retrying", s.endpoint, err)
+                self._attempt_failed(f"cannot reach it: {err}")
             else:
                 rc = MQTT_ERR_SUCCESS
                 while rc == MQTT_ERR_SUCCESS and not self._closing.is_set():
@@ -370,16 +380,42 @@ class CloudLink:
                     with contextlib.suppress(Exception):
                         self._client.loop_write()
                     break
+                if self.connects == connects:
+                    self._attempt_failed(
+                        self._attempt_error
+                        or f"it closed the connection before accepting the hub ({error_string(rc)})"
+                    )
             if self.connects > connects:
                 failures = 0  # it was up: start the backoff over
             failures += 1
             self._closing.wait(backoff(failures, s.reconnect_max, self._rng))
 
     # -- paho callbacks (network thread) ---------------------------------------------------
+    def _attempt_failed(self, reason: str) -> None:
+        """Say why an attempt to connect failed: logged once per distinct reason (a refused
+        hub retries every few seconds), and kept for ``status()``."""
+        if reason != self._logged_error:
+            self._logged_error = reason
+            log.warning(
+                "no connection to the cloud at %s: %s; retrying", self.settings.endpoint, reason
+            )
+        if self._loop is not None and not self._loop.is_closed():
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                self._loop.call_soon_threadsafe(self._set_error, reason)
+
+    def _set_error(self, reason: str | None) -> None:
+        self._error = reason
+
+    def _on_log(self, client: Any, userdata: Any, level: int, message: str) -> None:
+        if level == self._log_err and self._attempt_error is None:
+            # e.g. "failed to receive on socket: [SSL: SSLV3_ALERT_CERTIFICATE_REVOKED] ..."
+            self._attempt_error = message
+
     def _on_connect(self, client: Any, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
         if reason.is_failure:
-            log.error("the cloud at %s refused the hub: %s", self.settings.endpoint, reason)
+            self._attempt_error = f"it refused the hub: {reason}"
             return
+        self._logged_error = None
         birth = {"connected": True, "at": int(self._clock() * 1000), "clientId": self.thing}
         client.publish(connectivity_topic(self.thing), json.dumps(birth), qos=1, retain=True)
         self.connects += 1
@@ -541,6 +577,7 @@ class CloudLink:
             self._send_subscribe(topic_filter, f)
         self._connected = True
         self._since = self._clock()
+        self._error = None
         while self._backlog:
             if not self._send(self._backlog[0]):
                 self._connected = False  # lost again already; the rest waits
