@@ -34,6 +34,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from edgeloop import __version__
 from edgeloop.cloud.api_components import component_router
+from edgeloop.cloud.api_jobs import jobs_router
 from edgeloop.cloud.context import CloudContext
 from edgeloop.cloud.pki import IssuedCertificate, load_certificate
 from edgeloop.cloud.registry import MAX_PAGE, Certificate, Thing
@@ -790,6 +791,7 @@ def create_app(ctx: CloudContext) -> FastAPI:
 
     app.include_router(api)
     app.include_router(component_router(ctx))
+    app.include_router(jobs_router(ctx))
 
     # == errors: the one place they become HTTP ==========================================
 

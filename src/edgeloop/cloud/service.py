@@ -27,6 +27,8 @@ from typing import Any
 from edgeloop.cloud.apiauth import TOKEN_FILE, ApiAuth, TlsAwareH11Protocol, load_or_create_token
 from edgeloop.cloud.broker import AclRules, Broker, BrokerConfig, ServiceLogin
 from edgeloop.cloud.context import CloudContext
+from edgeloop.cloud.jobs_service import REQUEST_FILTERS as JOB_REQUEST_FILTERS
+from edgeloop.cloud.jobs_service import JobsService, is_request_topic
 from edgeloop.cloud.provisioning import (
     REQUEST_FILTERS,
     ROTATE_FILTER,
@@ -46,6 +48,7 @@ CONNECTIVITY_FILTER = "edgeloop/things/+/connectivity"
 PRIVATE_REPLY_TOPIC = re.compile(r"^edgeloop/replies/[^/+#\x00]+/[^+#\x00]+$")
 ENDPOINTS_FILE = "endpoints.json"
 CLAIM_TEMPLATE_POLL = 1.0  # seconds between looks for claim templates new to the broker
+JOBS_SWEEP_SECONDS = 5.0  # between looks for job executions whose timer ran out
 
 
 def connectivity_topic(thing: str) -> str:
@@ -96,7 +99,7 @@ def raise_open_file_limit() -> int:
 
 
 class MqttServices:
-    """The cloud's own MQTT client: shadows, connectivity and provisioning by claim.
+    """The cloud's own MQTT client: shadows, jobs, connectivity and provisioning by claim.
 
     paho runs its network loop in a thread. Shadow requests are handed to the event loop,
     where the shadow book (shared with the API) lives; connectivity goes straight to the
@@ -141,16 +144,29 @@ class MqttServices:
         self._workers = ThreadPoolExecutor(provisioning_workers, "provisioning")
         self._request = threading.local()  # the request a worker answers (correlation)
         self.connected = asyncio.Event()
+        # Jobs requests are served in order, one at a time, off the event loop (each is a
+        # database transaction); timeouts are swept by a thread of their own.
+        self.jobs = JobsService(ctx.jobs, self._publish)
+        self._jobs_worker = ThreadPoolExecutor(1, "jobs")
+        self._jobs_stop = threading.Event()
+        self._jobs_sweeper = threading.Thread(
+            target=self._sweep_jobs, name="jobs-timeouts", daemon=True
+        )
 
     def start(self) -> None:
         """Connect (and keep reconnecting) in paho's thread."""
         self.client.reconnect_delay_set(min_delay=1, max_delay=5)
         self.client.connect_async(self._login.host, self._login.port, keepalive=30)
         self.client.loop_start()
+        self._jobs_sweeper.start()
 
     def stop(self) -> None:
         """Disconnect and end paho's thread."""
         self._workers.shutdown(wait=True, cancel_futures=True)
+        self._jobs_stop.set()
+        if self._jobs_sweeper.is_alive():
+            self._jobs_sweeper.join()
+        self._jobs_worker.shutdown(wait=True, cancel_futures=True)
         self.client.disconnect()
         self.client.loop_stop()
 
@@ -178,13 +194,17 @@ class MqttServices:
             return
         # The request topics only: answers to them are published here, not served.
         provisioning = [(topic, 1) for topic in (*REQUEST_FILTERS, ROTATE_FILTER)]
-        client.subscribe([(REQUEST_FILTER, 1), (CONNECTIVITY_FILTER, 1), *provisioning])
+        jobs = [(topic, 1) for topic in JOB_REQUEST_FILTERS]
+        client.subscribe([(REQUEST_FILTER, 1), (CONNECTIVITY_FILTER, 1), *provisioning, *jobs])
         self.loop.call_soon_threadsafe(self.connected.set)
 
     def _on_message(self, client: Any, userdata: Any, message: Any) -> None:
         topic: str = message.topic
         payload: bytes = message.payload
-        if topic.startswith("$aws/things/"):
+        if is_request_topic(topic):
+            with contextlib.suppress(RuntimeError):  # stopping: the device will ask again
+                self._jobs_worker.submit(self._serve_jobs, topic, payload)
+        elif topic.startswith("$aws/things/"):
             self.loop.call_soon_threadsafe(self._serve_shadow, topic, payload)
         elif topic.endswith("/connectivity"):
             self._record_connectivity(topic, payload)
@@ -219,6 +239,24 @@ class MqttServices:
         finally:
             self._request.correlation = None
             self._request.reply = None
+
+    def _serve_jobs(self, topic: str, payload: bytes) -> None:
+        try:
+            self.jobs.handle(topic, payload)
+        except Exception:
+            log.exception("jobs request on %s failed", topic)
+
+    def _sweep_jobs(self) -> None:
+        while not self._jobs_stop.wait(JOBS_SWEEP_SECONDS):
+            try:
+                timed_out = self.ctx.jobs.sweep_timeouts()
+            except Exception:
+                log.exception("could not time out job executions")
+                continue
+            for change in timed_out:
+                log.info(
+                    "job %s on %s timed out: %s", change.job_id, change.thing_name, change.reason
+                )
 
     def _serve_shadow(self, topic: str, payload: bytes) -> None:
         try:
