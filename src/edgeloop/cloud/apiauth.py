@@ -86,6 +86,11 @@ THING_RULES: tuple[ThingRule, ...] = (
     ThingRule(_WRITE, r"/api/v1/things/{thing}/shadows?(/.*)?", "its shadows"),
     ThingRule(_WRITE, r"/api/v1/things/{thing}/jobs(/.*)?", "its jobs"),
     ThingRule(_WRITE, r"/api/v1/things/{thing}/telemetry(/.*)?", "its telemetry"),
+    ThingRule(
+        _READ,
+        r"/api/v1/things/{thing}/components/[^/]+/versions/[^/]+/downloads",
+        "links to what its deployments install",
+    ),
 )
 
 

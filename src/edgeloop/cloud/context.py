@@ -17,6 +17,7 @@ from edgeloop.core.shadowbook import ShadowBook
 
 if TYPE_CHECKING:
     from edgeloop.cloud.components import ComponentRegistry
+    from edgeloop.cloud.deployments import DeploymentEngine
     from edgeloop.cloud.jobs import JobStore
 
 log = logging.getLogger("edgeloop.cloud")
@@ -79,6 +80,13 @@ class CloudContext:
         from edgeloop.cloud.jobs import JobStore
 
         return JobStore(self.db)
+
+    @functools.cached_property
+    def deployments(self) -> DeploymentEngine:
+        """Fleet deployments and their rollouts, over the jobs and the component registry."""
+        from edgeloop.cloud.deployments import DeploymentEngine
+
+        return DeploymentEngine(self.db, self.registry, self.jobs, self.components)
 
     def crl_pem(self) -> bytes:
         """The CRL of every certificate revoked so far, signed by the issuing CA."""

@@ -48,6 +48,7 @@ CONNECTIVITY_FILTER = "edgeloop/things/+/connectivity"
 PRIVATE_REPLY_TOPIC = re.compile(r"^edgeloop/replies/[^/+#\x00]+/[^+#\x00]+$")
 ENDPOINTS_FILE = "endpoints.json"
 CLAIM_TEMPLATE_POLL = 1.0  # seconds between looks for claim templates new to the broker
+ROLLOUT_TICK = 1.0  # seconds between steps of the fleet's rollouts
 JOBS_SWEEP_SECONDS = 5.0  # between looks for job executions whose timer ran out
 
 
@@ -327,6 +328,17 @@ async def follow_claim_templates(ctx: CloudContext, broker: Broker) -> None:
             log.exception("could not bring the broker's claim templates up to date")
 
 
+async def drive_rollouts(ctx: CloudContext, interval: float = ROLLOUT_TICK) -> None:
+    """Advance the fleet's rollouts every ``interval`` seconds, for as long as the cloud runs."""
+    engine = ctx.deployments
+    while True:
+        try:
+            await asyncio.to_thread(engine.tick)
+        except Exception:
+            log.exception("rollouts could not advance; trying again")
+        await asyncio.sleep(interval)
+
+
 def _server_identity(ctx: CloudContext, folder: Path, host: str) -> tuple[Path, Path]:
     """The broker's TLS certificate and key, issued once and kept."""
     cert, key = folder / "server.pem", folder / "server.key"
@@ -351,6 +363,7 @@ class Cloud:
         self._api: Any = None
         self._api_task: asyncio.Task[None] | None = None
         self._templates_task: asyncio.Task[None] | None = None
+        self._rollouts_task: asyncio.Task[None] | None = None
 
     async def start(self) -> dict[str, Any]:
         """Bring everything up; returns the endpoints (also written to endpoints.json).
@@ -415,6 +428,7 @@ class Cloud:
         self._templates_task = asyncio.create_task(
             follow_claim_templates(ctx, broker), name="claim-templates"
         )
+        self._rollouts_task = asyncio.create_task(drive_rollouts(ctx), name="rollouts")
 
         token = await asyncio.to_thread(load_or_create_token, s.data_dir)
         app: Any = create_app(ctx)
@@ -463,10 +477,11 @@ class Cloud:
             if self._api_task is not None:
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(self._api_task, 10)
-        if self._templates_task is not None:
-            self._templates_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._templates_task
+        for task in (self._templates_task, self._rollouts_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         if self.services is not None:
             self.services.stop()
         if self.broker is not None:
