@@ -199,8 +199,7 @@ class HttpFetcher:
                 # A new link once per expiry; twice without progress means it is refused.
                 if self.renew is None or renewed_at == _size(part):
                     raise ArtifactError(
-                        f"cannot download {spec.uri} from {_shown(url)}: {err}; the "
-                        f"{_size(part)} bytes downloaded so far are kept for the next attempt",
+                        f"cannot download {spec.uri} from {_shown(url)}: {err}{_kept(part)}",
                         field="Uri",
                     ) from None
                 url, renewed_at = self.renew(spec.uri), _size(part)
@@ -208,10 +207,10 @@ class HttpFetcher:
             except _Retry as err:
                 failures = 1 if _size(part) > before else failures + 1
                 if failures >= self.attempts:
+                    tries = f"{self.attempts} attempt{'s' if self.attempts != 1 else ''}"
                     raise ArtifactError(
                         f"cannot download {spec.uri} from {_shown(url)}: {err} "
-                        f"({self.attempts} attempts); the {_size(part)} bytes downloaded so "
-                        "far are kept, and the next attempt continues from there",
+                        f"(after {tries}){_kept(part)}",
                         field="Uri",
                     ) from None
                 delay = backoff(failures, self.backoff_cap, self.rng)
@@ -250,6 +249,15 @@ class HttpFetcher:
         try:
             with self._http.stream("GET", url, headers=headers) as response:
                 return self._receive(response, part, meta, offset)
+        except httpx.ConnectError as err:
+            if "CERTIFICATE_VERIFY_FAILED" in str(err):
+                # Not a passing fault: retrying cannot make the certificate trusted.
+                raise ArtifactError(
+                    f"cannot download {_shown(url)}: the server's certificate is not trusted "
+                    f"({err}); is the hub's CA file the cloud's?",
+                    field="Uri",
+                ) from None
+            raise _Retry(_transport_reason(err)) from None
         except httpx.TransportError as err:
             raise _Retry(_transport_reason(err)) from None
 
@@ -358,6 +366,13 @@ def _size(path: Path) -> int:
         return path.stat().st_size
     except FileNotFoundError:
         return 0
+
+
+def _kept(part: Path) -> str:
+    size = _size(part)
+    if not size:
+        return ""
+    return f"; the {size} bytes downloaded so far are kept, and the next attempt continues"
 
 
 def _discard(part: Path, meta: Path) -> None:
