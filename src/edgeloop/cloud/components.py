@@ -110,6 +110,7 @@ __all__ = [
 
 BLOB_PREFIX = "components/blobs/sha256/"
 DEFAULT_BLOB_GRACE = timedelta(hours=1)
+_PUBLISH_HINT = "publish it with: edgeloop cloud component publish"
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 _CHUNK = 1 << 20
 _SUFFIXES: dict[str, Literal["json", "yaml"]] = {".json": "json", ".yaml": "yaml", ".yml": "yaml"}
@@ -706,9 +707,7 @@ class ComponentRegistry:
                 )
             )
         if not rows:
-            raise NotFoundError(
-                "component", name, "publish it with: edgeloop cloud component publish"
-            )
+            raise NotFoundError("component", name, _PUBLISH_HINT)
         files: dict[str, list[ComponentArtifactRow]] = {}
         for artifact in artifacts:
             files.setdefault(artifact.version, []).append(artifact)
@@ -766,7 +765,7 @@ class ComponentRegistry:
         known = session.scalar(select(exists().where(ComponentVersionRow.name == name)))
         if known:
             return NotFoundError("version", version, f"of component {name}")
-        return NotFoundError("component", name)
+        return NotFoundError("component", name, _PUBLISH_HINT)
 
     # == deleting =========================================================================
 
