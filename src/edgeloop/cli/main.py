@@ -1,4 +1,4 @@
-"""`edgeloop`: the command line of the hub runtime and, later, the cloud."""
+"""`edgeloop`: the command line of the hub runtime and of the cloud."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import typer
 
 from edgeloop import __version__
 from edgeloop.cli.cloud import app as cloud_app
+from edgeloop.cli.cloud_deployment import deployment_app
 from edgeloop.cli.device import app as device_app
 
 app = typer.Typer(
@@ -17,6 +18,7 @@ app = typer.Typer(
 )
 app.add_typer(device_app, name="device")
 app.add_typer(cloud_app, name="cloud")
+cloud_app.add_typer(deployment_app, name="deployment")
 
 
 @app.command()
