@@ -195,13 +195,29 @@ def test_a_snapshot_job_takes_no_more_targets(api: TestClient) -> None:
     assert answer.status_code == 409 and "CONTINUOUS" in answer.json()["message"]
 
 
-def test_the_routes_are_in_the_openapi_description(api: TestClient) -> None:
+def test_the_routes_are_described_in_openapi(api: TestClient) -> None:
     schema = api.get("http://testserver/openapi.json").json()
-    for path in (
-        "/api/v1/jobs",
-        "/api/v1/jobs/{jobId}",
-        "/api/v1/jobs/{jobId}/executions",
-        "/api/v1/jobs/{jobId}/cancel",
-        "/api/v1/things/{thingName}/jobs",
-    ):
-        assert path in schema["paths"]
+    jobs = {
+        (method.upper(), path)
+        for path, operations in schema["paths"].items()
+        for method in operations
+        if operations[method]["tags"] == ["jobs"]
+    }
+    assert jobs == {
+        ("POST", "/api/v1/jobs"),
+        ("GET", "/api/v1/jobs"),
+        ("GET", "/api/v1/jobs/{jobId}"),
+        ("POST", "/api/v1/jobs/{jobId}/targets"),
+        ("POST", "/api/v1/jobs/{jobId}/cancel"),
+        ("POST", "/api/v1/jobs/{jobId}/complete"),
+        ("GET", "/api/v1/jobs/{jobId}/executions"),
+        ("GET", "/api/v1/jobs/{jobId}/things/{thingName}"),
+        ("POST", "/api/v1/jobs/{jobId}/things/{thingName}/cancel"),
+        ("POST", "/api/v1/jobs/{jobId}/things/{thingName}/remove"),
+        ("GET", "/api/v1/things/{thingName}/jobs"),
+    }
+    for path, method in ((p, m.lower()) for m, p in jobs):
+        operation = schema["paths"][path][method]
+        assert operation.get("summary") and operation.get("description")
+        assert "422" not in operation["responses"]
+        assert {"400", "404", "409"} <= set(operation["responses"])

@@ -170,8 +170,15 @@ def _as_targets() -> Iterator[None]:
 
 def jobs_router(ctx: CloudContext) -> APIRouter:
     """The routes over one cloud's job store."""
+    from edgeloop.cloud.api import ErrorBody  # here: api imports this module
+
     store = ctx.jobs  # created here, before any request thread can race for it
-    api = APIRouter(prefix=API_PREFIX, tags=["jobs"])
+    errors: dict[int | str, dict[str, Any]] = {
+        400: {"model": ErrorBody, "description": "bad input; `field` names what is wrong"},
+        404: {"model": ErrorBody, "description": "no such job, thing or execution"},
+        409: {"model": ErrorBody, "description": "the job's or execution's state refuses it"},
+    }
+    api = APIRouter(prefix=API_PREFIX, tags=["jobs"], responses=errors)
 
     @api.post("/jobs", status_code=201)
     def create_job(body: CreateJob) -> JobOut:
