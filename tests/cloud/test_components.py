@@ -627,3 +627,23 @@ def test_reading_crosses_chunk_boundaries(local: Bench, monkeypatch: pytest.Monk
         local.registry.artifact(name, "1.0.0", "nope.bin")
     with pytest.raises(NotFoundError, match=r"no version named '9\.9\.9'"):
         local.registry.artifact(name, "9.9.9", "model.onnx")
+
+
+def test_in_use_checks_may_read_the_database(tmp_path: Path) -> None:
+    # An in-memory database has one connection: a check that reads it while the delete
+    # held a transaction open would fail to start its own.
+    db = Database("sqlite://")
+    db.migrate()
+    registry = ComponentRegistry(db, LocalObjectStore(tmp_path / "objects"), UrlSigner(SECRET))
+    bench = _bench(registry, tmp_path)
+    name = _name()
+    registry.publish_dir(bench.write_recipe(recipe_yaml(name)), bench.artifacts)
+
+    def reads(n: str, v: str) -> str | None:
+        with db.read() as session:
+            found = session.get(ComponentVersionRow, (n, v))
+        return "dep-1" if found is not None and v == "9.9.9" else None
+
+    registry.add_in_use_check(reads)
+    assert registry.delete(name, "1.0.0").version == "1.0.0"
+    db.dispose()

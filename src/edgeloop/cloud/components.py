@@ -29,9 +29,9 @@ Invariants:
 - A version in use by an active deployment cannot be deleted: the deployment engine
   registers an ``InUseCheck`` (``add_in_use_check``) that names the deployment using it.
 
-Downloads are signed links (``UrlSigner``): HMAC-SHA256 over the resource, an expiry and
-the thing the link was issued to, with a per-install secret (``url-signing.key`` in the
-data folder, 0600). They work over plain HTTP and without a client certificate.
+Downloads are signed links (``edgeloop.cloud.signing``): HMAC-SHA256 over the resource,
+an expiry and the thing the link was issued to, with a per-install secret. They work over
+plain HTTP and without a client certificate.
 """
 
 from __future__ import annotations
@@ -772,21 +772,24 @@ class ComponentRegistry:
     def delete(self, name: str, version: str) -> ComponentVersion:
         """Delete a version unless a deployment uses it; its unused blobs go after the grace.
 
-        ConflictError names the deployment that uses it.
+        ConflictError names the deployment that uses it. The checks are asked before the
+        write transaction opens, because they read the database themselves (and an
+        in-memory SQLite database has one connection, which cannot nest transactions); a
+        deployment engine that must not race a delete checks the version inside its own
+        write, or holds it by a foreign key, which turns this delete into a ConflictError.
         """
+        self.get(name, version)  # NotFoundError before asking anyone
+        user = self.in_use_by(name, version)
+        if user:
+            raise ConflictError(
+                f"{name} {version} is in use by deployment {user}; cancel or replace that "
+                "deployment first"
+            )
         try:
             with self.db.write() as session:
                 row = session.get(ComponentVersionRow, (name, version), with_for_update=True)
                 if row is None:
                     raise self._not_found(session, name, version)
-                # Asked inside the transaction, so a deployment created from here on sees
-                # the version gone (or, holding it by a foreign key, makes this fail).
-                user = self.in_use_by(name, version)
-                if user:
-                    raise ConflictError(
-                        f"{name} {version} is in use by deployment {user}; cancel or replace "
-                        "that deployment first"
-                    )
                 artifacts = self._artifact_rows(session, name, version)
                 removed = _version(row, artifacts)
                 session.execute(

@@ -6,7 +6,8 @@ it returns a local file holding it, downloaded into the store's ``tmp/downloads/
 - What it downloads: a signed link handed to the hub with a deployment (``urls``: artifact
   URI → URL, the simplest form), an ``http(s)://`` URI as written in the recipe, or an
   ``edgeloop://components/<name>/<version>/<file>`` URI resolved against the cloud's API
-  (``api_url``; the API then authenticates the hub by its client certificate).
+  (``api_url``: the API's own authentication then applies, so the caller must be allowed
+  to read that path; signed links need no such permission).
 - Resume. Bytes are appended to ``<key>.part`` as they arrive, and the server's ETag is
   kept beside it (``<key>.json``). ``<key>`` is derived from the artifact's URI and
   digest, not from the link, so a fresh signed link continues the same file. After an
