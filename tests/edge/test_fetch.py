@@ -409,7 +409,11 @@ def test_the_registry_uri_resolves_against_the_cloud_api(
         )
         done = fetch(artifact)
         assert done.read_bytes() == data
-    done.unlink()  # else the finished download is simply reused
+    done.unlink()
+    with fetcher(store, sleeps, api_url=cloud.served.url + "/api/v1") as fetch:
+        assert fetch.url_for(artifact.uri).startswith(
+            f"{cloud.served.url}/api/v1/components/"
+        )  # else the finished download is simply reused
     with fetcher(store, sleeps) as fetch:
         with pytest.raises(ArtifactError, match="no cloud API is configured"):
             fetch(artifact)

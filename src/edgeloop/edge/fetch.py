@@ -47,7 +47,7 @@ from urllib.parse import urlsplit, urlunsplit
 import httpx
 
 from edgeloop.core.errors import ArtifactError
-from edgeloop.core.registry_uri import is_registry_uri, parse_registry_uri
+from edgeloop.core.registry_uri import API_PREFIX, is_registry_uri, parse_registry_uri
 from edgeloop.edge.artifacts import ArtifactSpec
 
 __all__ = ["HttpFetcher", "backoff", "remote_or_local"]
@@ -105,7 +105,8 @@ class HttpFetcher:
     ) -> None:
         self.downloads = downloads
         self.urls = dict(urls or {})
-        self.api_url = api_url.rstrip("/") if api_url else None
+        # The cloud's base URL; given with its /api/v1 too, it means the same.
+        self.api_url = api_url.rstrip("/").removesuffix(API_PREFIX) if api_url else None
         self.renew = renew
         self.attempts = max(1, attempts)
         self.backoff_cap = backoff_cap
