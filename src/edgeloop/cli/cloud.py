@@ -837,8 +837,11 @@ def component_publish(
     url: UrlOption = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Publish a component version: validate the recipe, upload the artifacts the registry
-    lacks, then the recipe (its artifact URIs become edgeloop://components/...)."""
+    """Publish a component version from a recipe and its artifact files.
+
+    The recipe is checked with the hub's parser, the artifacts the registry lacks are
+    uploaded, then the recipe; its artifact URIs become edgeloop://components/NAME/VERSION/FILE.
+    """
     from edgeloop.core.recipe import load_recipe
     from edgeloop.core.registry_uri import is_registry_uri
 
