@@ -860,7 +860,9 @@ def test_openapi_lists_every_route_and_answers_400_not_422(client: TestClient) -
         for path, operations in document["paths"].items()
         for method in operations
     }
-    assert listed == ROUTES
+    # The registry's routes; the component, job and deployment routers add theirs.
+    assert listed >= ROUTES
+    assert {("POST", "/deployments"), ("POST", "/jobs"), ("GET", "/components")} <= listed
     for operations in document["paths"].values():
         for operation in operations.values():
             assert operation.get("summary") and operation.get("description")
