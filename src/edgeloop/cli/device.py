@@ -13,6 +13,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.live import Live
+from rich.markup import escape
 from rich.table import Table
 
 from edgeloop.cli._common import (
@@ -121,6 +122,38 @@ def status(root: RootOption, as_json: JsonOption = False) -> None:
         state = "[green]connected[/green]" if cloud["connected"] else "[red]offline[/red]"
         since = f" (changed {_ago(cloud['since'])})" if cloud.get("since") else ""
         console.print(f"cloud: {cloud['endpoint']} {state}{since}, {cloud['queued']} queued")
+    for line in fleet_lines(result.get("fleet")):
+        console.print(line)
+
+
+def fleet_lines(fleet: dict[str, Any] | None) -> list[str]:
+    """What ``device status`` says about fleet deployments: the job in hand, the last
+    outcome, and the deployment each target has on the hub."""
+    if not fleet:
+        return []
+    current = fleet.get("current")
+    if current:
+        what = f"job {current['jobId']}"
+        if current.get("deploymentId"):
+            what += f" (deployment {current['deploymentId']}, target {current.get('target')})"
+        lines = [f"fleet: {what}: {fleet['step']} since {_ago(fleet.get('since'))}"]
+    else:
+        lines = ["fleet: idle, no job in hand"]
+    last = fleet.get("last")
+    if last:
+        colour = {"SUCCEEDED": "green", "FAILED": "red"}.get(last["status"], "yellow")
+        why = f": {escape(str(last['reason']))}" if last.get("reason") else ""
+        lines.append(
+            f"  last job {last['jobId']} [{colour}]{last['status']}[/{colour}] "
+            f"{_ago(last.get('at'))}{why}"
+        )
+    for target, entry in sorted((fleet.get("targets") or {}).items()):
+        components = ", ".join(f"{n} {v}" for n, v in sorted(entry["components"].items()))
+        lines.append(
+            f"  target {target}: deployment {entry.get('deploymentId')} "
+            f"({escape(components) or 'no components'})"
+        )
+    return lines
 
 
 @app.command()

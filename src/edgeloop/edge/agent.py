@@ -40,6 +40,7 @@ from edgeloop.edge.supervisor import Supervisor
 
 if TYPE_CHECKING:
     from edgeloop.edge.cloud_link import CloudLink, ShadowSync
+    from edgeloop.edge.fleet_jobs import FleetJobs
 
 log = logging.getLogger("edgeloop.agent")
 
@@ -74,9 +75,11 @@ class Agent:
         self.shadows = LocalShadows(self.store.state_dir / "shadows")
         self.cloud: CloudLink | None = None
         self.shadow_sync: ShadowSync | None = None
+        self.fleet_jobs: FleetJobs | None = None
         if settings.cloud is not None:
             # Imported only here: a hub without a cloud does not load paho.
             from edgeloop.edge.cloud_link import CloudLink, ShadowSync
+            from edgeloop.edge.fleet_jobs import FleetJobs
 
             self.cloud = CloudLink(settings.cloud, settings.thing_name)
             self.shadow_sync = ShadowSync(
@@ -85,6 +88,16 @@ class Agent:
                 settings.thing_name,
                 self.store.state_dir / "cloud-sync.json",
                 interval=settings.cloud.sync_interval,
+            )
+            self.fleet_jobs = FleetJobs(
+                self.cloud,
+                settings.thing_name,
+                self.deployments,
+                self.store,
+                self.recipes,
+                self.artifacts,
+                self.hub,
+                settings.cloud,
             )
         self.ipc = IpcServer(layout.ipc_socket, self._authenticate)
         self.ipc_authorizer = Authorizer(self._configuration_of, settings.thing_name)
@@ -137,6 +150,8 @@ class Agent:
         await self.ipc.start()
         if self.cloud is not None and self.shadow_sync is not None:
             await self.shadow_sync.start()  # first: it hears the first connect
+            if self.fleet_jobs is not None:
+                await self.fleet_jobs.start()  # after recover_interrupted: it reads the records
             await self.cloud.start()
         await self.control.start()
         self.settings.layout.pid_file.write_text(f"{os.getpid()}\n")
@@ -157,6 +172,8 @@ class Agent:
             log.info("stopping components")
             await self.supervisor.stop_all()
             if self.cloud is not None and self.shadow_sync is not None:
+                if self.fleet_jobs is not None:
+                    await self.fleet_jobs.stop()
                 await self.shadow_sync.stop()
                 await self.cloud.stop()
             await self.ipc.close()
@@ -196,6 +213,10 @@ class Agent:
                 **self.pubsub.stats(),
             },
             "cloud": self.cloud.status() if self.cloud is not None else None,
+            "fleet": self.fleet_jobs.status() if self.fleet_jobs is not None else None,
+            "targets": {
+                name: entry.get("deploymentId") for name, entry in sorted(self.hub.targets.items())
+            },
         }
 
     async def _op_components(self, _: dict[str, Any]) -> list[dict[str, Any]]:

@@ -9,6 +9,15 @@ through the health window. Otherwise, with failure handling ROLLBACK (the defaul
 previous components and configuration come back by themselves. Only a successful
 deployment is persisted as the hub's state, so after a crash the hub returns to the last
 good one.
+
+Targets. A hub runs the union of the latest deployment of each of its *targets*: every
+thing group it belongs to and the thing itself (fleet deployments, applied by
+``edgeloop.edge.fleet_jobs``), and ``LOCAL_DEPLOYMENT`` (``edgeloop device deploy`` and
+the Greengrass CLI's IPC). A request with a ``target`` replaces that target's components;
+one without changes the local target (merge and remove). The roots are recomputed as the
+union (``edgeloop.core.deployment.union_roots``): a component two targets ask for at
+different versions fails the deployment naming both, and a root no target asks for any
+more is removed. The targets are saved in ``hub.json`` with the roots they explain.
 """
 
 from __future__ import annotations
@@ -18,23 +27,25 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from edgeloop.core.config import ConfigurationUpdate, apply_update, upgrade_defaults
+from edgeloop.core.deployment import union_roots
 from edgeloop.core.errors import DeploymentError, EdgeloopError, RecipeError, ValidationError
 from edgeloop.core.recipe import Recipe, current_platform, load_recipe_dir
 from edgeloop.core.resolver import resolve
 from edgeloop.core.semver import Range, Version
-from edgeloop.edge.artifacts import ArtifactStore, local_fetch
+from edgeloop.edge.artifacts import ArtifactSpec, ArtifactStore, local_fetch
 from edgeloop.edge.ipc.events import ComponentEvents
 from edgeloop.edge.lifecycle import State
+from edgeloop.edge.logs import tail_lines
 from edgeloop.edge.recipes import RecipeStore
 from edgeloop.edge.settings import BUILTIN_COMPONENTS, AgentSettings
-from edgeloop.edge.store import HubState, HubStore, write_json_atomic
-from edgeloop.edge.supervisor import ComponentSpec, Supervisor
+from edgeloop.edge.store import LOCAL_TARGET, HubState, HubStore, write_json_atomic
+from edgeloop.edge.supervisor import LOG_TAIL_LINES, ComponentSpec, Supervisor
 
 log = logging.getLogger("edgeloop.deployments")
 
@@ -44,8 +55,32 @@ TERMINAL = ("SUCCEEDED", "FAILED", "CANCELED")
 
 
 @dataclass(frozen=True)
+class TargetDeployment:
+    """The components one target (a thing group, or the thing) now asks this hub to run."""
+
+    target: str
+    deployment_id: str
+    components: Mapping[str, str]  # name -> exact version
+    job_id: str | None = None
+    document: Mapping[str, Any] | None = None  # the job document, kept with the target
+
+    def entry(self) -> dict[str, Any]:
+        """The target's entry in ``HubState.targets``."""
+        entry: dict[str, Any] = {
+            "deploymentId": self.deployment_id,
+            "components": dict(self.components),
+        }
+        if self.job_id is not None:
+            entry["jobId"] = self.job_id
+        if self.document is not None:
+            entry["document"] = dict(self.document)
+        return entry
+
+
+@dataclass(frozen=True)
 class DeploymentRequest:
-    """What a local deployment asks for (the Greengrass CLI's `deployment create`)."""
+    """What a deployment asks for: local (the Greengrass CLI's `deployment create`, which
+    merges and removes), or one target's share of a fleet deployment (``target``)."""
 
     recipe_dir: Path | None = None
     artifact_dir: Path | None = None
@@ -58,6 +93,9 @@ class DeploymentRequest:
     component_update_policy: str = "NOTIFY_COMPONENTS"
     notify_timeout: float = 60.0  # how long components may defer the update, in all
     validation_timeout: float = 30.0  # how long to wait for configuration validity reports
+    target: TargetDeployment | None = None  # None: the local target
+    # Fetches artifacts that are not staged yet (the fleet's downloads); None: artifact_dir.
+    fetch: Callable[[ArtifactSpec], Path] | None = field(default=None, compare=False)
 
     def to_json(self) -> dict[str, Any]:
         """How the request is shown in the deployment's record."""
@@ -76,7 +114,63 @@ class DeploymentRequest:
             "componentUpdatePolicy": self.component_update_policy,
             "notifyTimeout": self.notify_timeout,
             "validationTimeout": self.validation_timeout,
+            "target": None
+            if self.target is None
+            else {
+                "target": self.target.target,
+                "deploymentId": self.target.deployment_id,
+                "jobId": self.target.job_id,
+                "components": dict(self.target.components),
+            },
         }
+
+
+def next_targets(
+    hub: HubState, request: DeploymentRequest, deployment_id: str
+) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+    """The hub's targets after ``request``, and the roots they make (their union).
+
+    DeploymentError when a removal names what the local target does not run, or when two
+    targets ask for different versions of a component (naming both deployments).
+    """
+    targets = hub.target_roots()
+    if request.target is not None:
+        if request.target.target == LOCAL_TARGET:
+            raise DeploymentError(f"{LOCAL_TARGET} is the hub's own target, not a fleet one")
+        targets[request.target.target] = request.target.entry()
+    else:
+        local = dict(targets.get(LOCAL_TARGET, {}).get("components", {}))
+        for name in request.remove:
+            if name in local:
+                del local[name]
+                continue
+            owner = next(
+                (t for t, e in sorted(targets.items()) if name in e.get("components", {})), None
+            )
+            if owner is not None:
+                raise DeploymentError(
+                    f"cannot remove {name}: fleet deployment "
+                    f"{targets[owner].get('deploymentId')} (target {owner}) runs it on this "
+                    "hub; remove it from that deployment in the cloud"
+                )
+            raise DeploymentError(
+                f"cannot remove {name}: it is not a root component of this hub "
+                f"(roots: {', '.join(sorted(hub.roots)) or 'none'})"
+            )
+        local.update(request.merge)
+        targets[LOCAL_TARGET] = {"deploymentId": deployment_id, "components": local}
+    targets = {
+        name: entry
+        for name, entry in targets.items()
+        if entry.get("components") or name != LOCAL_TARGET
+    }
+    roots = union_roots(
+        {
+            name: (str(entry.get("deploymentId") or name), dict(entry.get("components", {})))
+            for name, entry in targets.items()
+        }
+    )
+    return targets, roots
 
 
 @dataclass
@@ -112,6 +206,7 @@ class Deployments:
         self.events = events
         self.records: list[dict[str, Any]] = store.load_deployments()
         self._queue: asyncio.Queue[tuple[str, DeploymentRequest]] = asyncio.Queue()
+        self._waiters: dict[str, list[asyncio.Future[dict[str, Any]]]] = {}
 
     # -- queue ------------------------------------------------------------------------
     def submit(self, request: DeploymentRequest) -> dict[str, Any]:
@@ -148,6 +243,17 @@ class Deployments:
         )
         return found
 
+    async def wait(self, deployment_id: str) -> dict[str, Any]:
+        """The deployment's record once it has ended."""
+        record = self.get(deployment_id)
+        if record is None:
+            raise ValidationError(f"no deployment with id {deployment_id!r}", field="id")
+        if record["status"] in TERMINAL:
+            return record
+        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._waiters.setdefault(deployment_id, []).append(future)
+        return await future
+
     def _update(self, deployment_id: str, **changes: Any) -> None:
         record = self.get(deployment_id)
         if record is None:
@@ -155,30 +261,39 @@ class Deployments:
         record.update(changes)
         record["updatedAt"] = time.time()
         self._persist_records()
+        if record["status"] in TERMINAL:
+            for future in self._waiters.pop(deployment_id, []):
+                if not future.done():
+                    future.set_result(record)
 
     def _persist_records(self) -> None:
         self.store.save_deployments(self.records)
 
     def recover_interrupted(self) -> str | None:
-        """Mark a deployment that a crash interrupted as failed; returns its id."""
+        """Mark the deployments a crash interrupted as failed (``interrupted`` set in their
+        records); returns the id of the one that was being applied, if one was."""
         inflight = self.store.inflight_path
-        if not inflight.exists():
-            return None
-        doc = json.loads(inflight.read_text(encoding="utf-8"))
-        deployment_id = str(doc.get("deploymentId"))
-        self._fail(
-            deployment_id,
-            "FAILED_ROLLBACK_COMPLETE",
-            "the agent stopped while the deployment was being applied; "
-            "the hub is back on the last successful deployment",
-        )
-        for record in self.records:
-            if record["status"] in ("QUEUED", "IN_PROGRESS"):
-                record["status"] = "FAILED"
-                record["detailedStatus"] = "FAILED_NO_STATE_CHANGE"
-                record["failureCause"] = "the agent stopped before the deployment ran"
-        self._persist_records()
-        inflight.unlink()
+        deployment_id = None
+        if inflight.exists():
+            doc = json.loads(inflight.read_text(encoding="utf-8"))
+            deployment_id = str(doc.get("deploymentId"))
+            self._fail(
+                deployment_id,
+                "FAILED_ROLLBACK_COMPLETE",
+                "the agent stopped while the deployment was being applied; "
+                "the hub is back on the last successful deployment",
+                interrupted=True,
+            )
+        # Queued, or still preparing (nothing on the hub changed yet).
+        pending = [r for r in self.records if r["status"] in ("QUEUED", "IN_PROGRESS")]
+        for record in pending:
+            record["status"] = "FAILED"
+            record["detailedStatus"] = "FAILED_NO_STATE_CHANGE"
+            record["failureCause"] = "the agent stopped before the deployment ran"
+            record["interrupted"] = True
+        if pending:
+            self._persist_records()
+        inflight.unlink(missing_ok=True)
         return deployment_id
 
     async def run(self) -> None:
@@ -219,7 +334,8 @@ class Deployments:
             self.store.inflight_path,
             {"deploymentId": deployment_id, "previous": previous.to_json()},
         )
-        failure = await self._switch_and_watch(plan, request)
+        failed: list[dict[str, Any]] = []
+        failure = await self._switch_and_watch(plan, request, failed)
         if failure is None:
             self.store.save_hub(self.hub)
             self.store.inflight_path.unlink(missing_ok=True)
@@ -239,7 +355,7 @@ class Deployments:
         else:
             detailed = "FAILED_ROLLBACK_NOT_REQUESTED"
         self.store.inflight_path.unlink(missing_ok=True)
-        self._fail(deployment_id, detailed, failure, components=components)
+        self._fail(deployment_id, detailed, failure, components=components, failedComponents=failed)
 
     def prepare(self, deployment_id: str, request: DeploymentRequest) -> Plan:
         """Validate and resolve a request into a plan; changes nothing on error."""
@@ -250,15 +366,8 @@ class Deployments:
         for recipe in new_recipes:
             known[(recipe.name, str(recipe.version))] = recipe
 
-        roots = dict(self.hub.roots)
-        for name in request.remove:
-            if name not in roots:
-                raise DeploymentError(
-                    f"cannot remove {name}: it is not a root component of this hub "
-                    f"(roots: {', '.join(sorted(roots)) or 'none'})"
-                )
-            del roots[name]
-        for name, version in request.merge.items():
+        asked = dict(request.target.components) if request.target else dict(request.merge)
+        for name, version in asked.items():
             try:
                 Version.parse(version)
             except ValueError as err:
@@ -268,7 +377,7 @@ class Deployments:
                     f"no recipe for {name} {version}: give it in --recipe-dir "
                     f"(versions on this hub: {_versions_of(known, name) or 'none'})"
                 )
-            roots[name] = version
+        targets, roots = next_targets(self.hub, request, deployment_id)
 
         available: dict[str, list[Any]] = {}
         for recipe in known.values():
@@ -320,6 +429,7 @@ class Deployments:
             roots=roots,
             versions=versions,
             configuration=configuration,
+            targets=targets,
         )
         touched = {
             name
@@ -359,6 +469,12 @@ class Deployments:
                 if not artifacts:
                     continue
                 base = request.artifact_dir
+                if request.fetch is not None:
+                    self.artifacts.stage(
+                        name, version, artifacts, request.fetch, source=spec.recipe.source
+                    )
+                    staged.append((name, version))
+                    continue
                 if base is None:
                     raise RecipeError(
                         f"{len(artifacts)} artifact(s) to fetch but no artifact folder given "
@@ -412,8 +528,11 @@ class Deployments:
             if name in old.configuration and old.configuration[name] != tree:
                 await self.events.configuration_changed(name, old.configuration[name], tree)
 
-    async def _switch_and_watch(self, plan: Plan, request: DeploymentRequest) -> str | None:
-        """Run the new set and watch it; returns why it failed, or None."""
+    async def _switch_and_watch(
+        self, plan: Plan, request: DeploymentRequest, failed: list[dict[str, Any]]
+    ) -> str | None:
+        """Run the new set and watch it; returns why it failed, or None. ``failed`` gets
+        each failing component: name, version, state, reason, exit code, last log lines."""
         failures: list[str] = []
 
         def on_change(name: str, old: State, new: State) -> None:
@@ -425,6 +544,17 @@ class Deployments:
                 failures.append(
                     f"{name} {runner.spec.version if runner else ''} went {new.value}: "
                     f"{detail}; last log lines:\n  {tail}"
+                )
+                failed.append(
+                    {
+                        "name": name,
+                        "version": runner.spec.version if runner else None,
+                        "state": new.value,
+                        "reason": detail,
+                        "exitCode": error.exit_code if error else None,
+                        "signal": error.signal if error else None,
+                        "logTail": list(error.log_tail) if error else [],
+                    }
                 )
 
         before = self.hub.copy()
@@ -449,11 +579,24 @@ class Deployments:
                 )
 
             if not await self.supervisor.wait_until(settled, timeout):
-                waiting = [
-                    f"{n} ({self.supervisor.state_of(n)})"
+                stuck = [
+                    self.supervisor.runners[n]
                     for n in sorted(plan.touched)
                     if self.supervisor.runners[n].state not in (State.RUNNING, State.FINISHED)
                 ]
+                for runner in stuck:
+                    failed.append(
+                        {
+                            "name": runner.name,
+                            "version": runner.spec.version,
+                            "state": runner.state.value,
+                            "reason": f"not RUNNING or FINISHED after {timeout:g} s",
+                            "exitCode": None,
+                            "signal": None,
+                            "logTail": tail_lines(runner.log.path, LOG_TAIL_LINES),
+                        }
+                    )
+                waiting = [f"{r.name} ({self.supervisor.state_of(r.name)})" for r in stuck]
                 return f"timed out after {timeout:g} s waiting for {', '.join(waiting)}"
             if not failures:
                 await self.supervisor.wait_until(lambda: bool(failures), window)
@@ -482,6 +625,7 @@ class Deployments:
         self.hub.roots = dict(state.roots)
         self.hub.versions = dict(state.versions)
         self.hub.configuration = dict(state.configuration)
+        self.hub.targets = {name: dict(entry) for name, entry in state.targets.items()}
 
     def _collect_garbage(self, previous: HubState) -> None:
         # Keep the versions now running and the ones just replaced (for a manual rollback).

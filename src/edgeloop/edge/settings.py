@@ -8,8 +8,11 @@ The hub's cloud connection is the ``cloud`` key (absent: the hub runs without a 
 
     "cloud": {"endpoint": "HOST:PORT", "cert": "hub.pem", "key": "hub.key", "ca": "ca.pem"}
 
-plus optional ``keepalive``, ``session_expiry``, ``queue_limit``, ``sync_interval`` and
-``reconnect_max`` (see ``CloudConnection``). Relative paths are under the hub's root. The
+plus optional ``keepalive``, ``session_expiry``, ``queue_limit``, ``sync_interval``,
+``reconnect_max`` and ``api`` (see ``CloudConnection``). Relative paths are under the
+hub's root. ``api`` is the cloud's HTTP API (``https://cloud.example.com:8440``, or
+``http://127.0.0.1:8440`` on the cloud's own machine), where fleet deployments get their
+components' download links; over https the hub presents its certificate and trusts ``ca``. The
 certificate's subject CN is the thing name the cloud knows the hub by: it becomes the
 hub's thing name unless one is set, and a thing name set otherwise must equal it.
 
@@ -135,6 +138,7 @@ class CloudConnection:
     sync_interval: float = 300.0  # seconds between full shadow reconciliations; 0: off
     reconnect_max: float = 30.0  # cap of the jittered reconnect backoff, seconds
     claim: ClaimSettings | None = None  # how to get ``cert`` when it does not exist yet
+    api: str | None = None  # the cloud's HTTP API, for fleet deployments' downloads
 
     @property
     def endpoint(self) -> str:
@@ -265,7 +269,7 @@ def _cloud(value: Any, root: Path, source: str, *, identity_exists: bool = True)
             source=source,
             field="cloud",
         )
-    known = ("endpoint", "claim", *_CLOUD_PATHS, *_CLOUD_NUMBERS)
+    known = ("endpoint", "claim", "api", *_CLOUD_PATHS, *_CLOUD_NUMBERS)
     for key in value:
         if key not in known:
             raise ValidationError(
@@ -292,6 +296,7 @@ def _cloud(value: Any, root: Path, source: str, *, identity_exists: bool = True)
         for key, kind in _CLOUD_NUMBERS.items()
         if key in value
     }
+    api = None if value.get("api") is None else parse_api_url(value["api"], source=source)
     return CloudConnection(
         host=host,
         port=port,
@@ -299,8 +304,29 @@ def _cloud(value: Any, root: Path, source: str, *, identity_exists: bool = True)
         key=paths["key"],
         ca=paths["ca"],
         claim=claim,
+        api=api,
         **numbers,
     )
+
+
+def parse_api_url(value: Any, *, source: str, field: str = "cloud.api") -> str:
+    """The cloud API's base URL (``http(s)://HOST[:PORT]``, any ``/api/v1`` dropped)."""
+    from urllib.parse import urlsplit
+
+    shape = "an http:// or https:// URL such as https://cloud.example.com:8440"
+    if not isinstance(value, str):
+        raise ValidationError(f"must be {shape}", source=source, field=field)
+    try:
+        parts = urlsplit(value.strip())
+        parts.port  # noqa: B018 - raises ValueError for a bad port
+    except ValueError as err:
+        raise ValidationError(
+            f"{value!r} is not {shape} ({err})", source=source, field=field
+        ) from None
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query:
+        raise ValidationError(f"{value!r} is not {shape}", source=source, field=field)
+    path = parts.path.rstrip("/").removesuffix("/api/v1")
+    return f"{parts.scheme}://{parts.netloc}{path}"
 
 
 def _path(value: str, root: Path) -> Path:

@@ -4,7 +4,10 @@ Everything that must survive ``kill -9`` of the agent is written with
 ``write_json_atomic`` (temp file, fsync, rename, fsync of the folder), so a reader finds
 either the old document or the new one, never a torn one. The components, their versions
 and their configuration trees live in ONE document, ``state/hub.json``, so a rollback or a
-crash can never pair versions with another deployment's configuration.
+crash can never pair versions with another deployment's configuration. The same document
+keeps, per *target* (a thing group, the thing itself, or ``LOCAL_DEPLOYMENT`` for
+``edgeloop device deploy``), the latest deployment of that target the hub applied: the
+roots are their union, so what explains the roots is saved with them, in the same write.
 """
 
 from __future__ import annotations
@@ -18,6 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from edgeloop.fileio import write_bytes_atomic
+
+LOCAL_TARGET = "LOCAL_DEPLOYMENT"
+"""The target of deployments made on the hub itself (Greengrass's name for it)."""
 
 
 def write_json_atomic(path: Path, data: Any, *, fsync: bool = True) -> None:
@@ -43,6 +49,9 @@ class HubState:
     versions: dict[str, str] = field(default_factory=dict)  # every component, resolved
     configuration: dict[str, Any] = field(default_factory=dict)  # name -> tree
     updated_at: float = 0.0
+    # target -> {"deploymentId", "components": {name: version}, and for fleet targets
+    # "jobId" and "document" (the job document)}: the latest deployment of each target.
+    targets: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         """The document persisted in ``state/hub.json``."""
@@ -52,6 +61,7 @@ class HubState:
             "versions": self.versions,
             "configuration": self.configuration,
             "updatedAt": self.updated_at,
+            "targets": self.targets,
         }
 
     @classmethod
@@ -63,7 +73,24 @@ class HubState:
             versions=dict(doc.get("versions", {})),
             configuration=dict(doc.get("configuration", {})),
             updated_at=float(doc.get("updatedAt", 0.0)),
+            targets={str(k): dict(v) for k, v in (doc.get("targets") or {}).items()},
         )
+
+    def target_roots(self) -> dict[str, dict[str, Any]]:
+        """``targets``, with any root no target names counted as deployed locally.
+
+        A hub whose state predates targets (or whose roots were set without one) keeps
+        every root as its own: a fleet deployment never removes what it did not put there.
+        """
+        targets = {name: dict(entry) for name, entry in self.targets.items()}
+        named = {c for entry in targets.values() for c in entry.get("components", {})}
+        orphans = {n: v for n, v in self.roots.items() if n not in named}
+        if orphans:
+            local = targets.setdefault(
+                LOCAL_TARGET, {"deploymentId": self.deployment_id, "components": {}}
+            )
+            local["components"] = {**local.get("components", {}), **orphans}
+        return targets
 
     def copy(self) -> HubState:
         """A deep copy, for snapshots taken before a deployment changes anything."""
@@ -128,6 +155,11 @@ class HubStore:
     def save_deployments(self, docs: list[dict[str, Any]]) -> None:
         """Persist the history, keeping the newest ``HISTORY_LIMIT``."""
         write_json_atomic(self.deployments_path, docs[-self.HISTORY_LIMIT :])
+
+    @property
+    def fleet_jobs_path(self) -> Path:
+        """The fleet job the hub works on and the outcomes of the last ones (fleet_jobs.py)."""
+        return self.state_dir / "fleet-jobs.json"
 
     @property
     def inflight_path(self) -> Path:
