@@ -170,6 +170,27 @@ def test_failure_details_name_the_component_its_exit_code_and_log_tail() -> None
     assert parse_status_details(details) == details
 
 
+def test_failure_details_of_a_component_that_never_came_up() -> None:
+    record = {
+        "status": "FAILED",
+        "detailedStatus": "FAILED_ROLLBACK_COMPLETE",
+        "failureCause": "timed out after 300 s waiting for A (STARTING)",
+        "failedComponents": [
+            {
+                "name": "A",
+                "version": "1.0.0",
+                "state": "STARTING",
+                "signal": 9,
+                "reason": "not RUNNING or FINISHED after 300 s",
+                "logTail": [],
+            }
+        ],
+    }
+    details = failure_details(record, None)
+    assert details["reason"].startswith("A 1.0.0 is STARTING: not RUNNING or FINISHED")
+    assert details["signal"] == "9" and "exitCode" not in details and "logTail" not in details
+
+
 def test_failure_details_without_a_component_keep_the_first_line_of_the_cause() -> None:
     record = {
         "status": "FAILED",

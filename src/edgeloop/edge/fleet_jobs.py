@@ -27,8 +27,8 @@ Progress and outcome are told in ``statusDetails`` (AWS: at most 10 string pairs
     SUCCEEDED    deploymentId, target, components ("a 1.0.0, b 2.1.0"), rollbackOf
     FAILED       reason (one line), step (document | download | deploy | agent),
                  deploymentId, target, detailedStatus (the local deployment's),
-                 component, version, exitCode, logTail (the component's last 3 output
-                 lines, " | "-joined)
+                 component, version, exitCode or signal, logTail (the component's last
+                 3 output lines, " | "-joined)
 
 State kept on the hub, in ``state/fleet-jobs.json`` (atomic writes): the execution being
 worked on (``current``: job id, execution number, deployment, local deployment id once
@@ -200,15 +200,17 @@ def failure_details(record: Mapping[str, Any], doc: JobDocument | None) -> dict[
     culprit: Mapping[str, Any] = components[0] if components else {}
     reason = first
     if culprit:
+        state = culprit.get("state")
+        verb = "went" if state in ("ERRORED", "BROKEN") else "is"
         reason = (
-            f"{culprit.get('name')} {culprit.get('version') or ''} went "
-            f"{culprit.get('state')}: {culprit.get('reason')}"
+            f"{culprit.get('name')} {culprit.get('version') or ''} {verb} "
+            f"{state}: {culprit.get('reason')}"
         )
     if detailed == "FAILED_ROLLBACK_COMPLETE" and "back on" not in reason:
         reason += "; the hub rolled back to its previous deployment"
     elif detailed == "FAILED_ROLLBACK_NOT_REQUESTED":
         reason += "; left in place (failure handling DO_NOTHING)"
-    exit_code = culprit.get("exitCode")
+    exit_code, signal = culprit.get("exitCode"), culprit.get("signal")
     return status_details(
         reason=reason,
         step="deploy",
@@ -217,6 +219,7 @@ def failure_details(record: Mapping[str, Any], doc: JobDocument | None) -> dict[
         component=culprit.get("name"),
         version=culprit.get("version"),
         exitCode=None if exit_code is None else str(exit_code),
+        signal=None if signal is None else str(signal),
         logTail=log_tail_text(culprit.get("logTail") or []) or None,
     )
 
