@@ -462,7 +462,7 @@ class DeploymentEngine:
                 row = session.get(DeploymentRow, deployment_id)
                 if row is None:
                     return False
-                status, previous_id = row.status, row.previous_id
+                status, previous_id, row_target = row.status, row.previous_id, row.target
                 targets, released = list(row.targets), row.released
                 state = _state(row.rollout)
                 document = dict(row.document)
@@ -479,6 +479,13 @@ class DeploymentEngine:
                 wave = targets[released : released + decision.release]
                 if wave:
                     self.jobs.add_targets(deployment_id, wave)
+            rolled_back: list[str] = []
+            if decision.abort_reason is not None:
+                # Queued hubs are skipped and the rollback is on its way before anyone
+                # reading the deployment sees it ABORTED.
+                log.warning("deployment %s aborted: %s", deployment_id, decision.abort_reason)
+                self._cancel_job(deployment_id, decision.abort_reason)
+                rolled_back = self._send_back(deployment_id, row_target, previous_id)
             with self.db.write() as session:
                 row = session.get(DeploymentRow, deployment_id)
                 if row is None:
@@ -501,6 +508,7 @@ class DeploymentEngine:
                 if decision.abort_reason is not None:
                     row.status = "ABORTED"
                     row.reason = decision.abort_reason
+                    row.rolled_back = len(rolled_back)
                     row.updated_at = utcnow()
                     self._event(
                         session,
@@ -508,42 +516,27 @@ class DeploymentEngine:
                         "aborted",
                         {"reason": decision.abort_reason, "executions": asdict(counts)},
                     )
+                    self._event(
+                        session,
+                        deployment_id,
+                        "rollback",
+                        {"hubs": len(rolled_back), "total": len(rolled_back), "to": previous_id},
+                    )
                 elif decision.complete:
                     row.status = "COMPLETED"
                     row.updated_at = utcnow()
                     self._event(session, deployment_id, "completed", {"executions": asdict(counts)})
-            if decision.abort_reason is not None:
-                log.warning("deployment %s aborted: %s", deployment_id, decision.abort_reason)
-                self._cancel_job(deployment_id, decision.abort_reason)
-                self._roll_back_finished(deployment_id, previous_id)
             return bool(wave) or decision.abort_reason is not None or decision.complete
 
     def _roll_back_finished(self, deployment_id: str, previous_id: str | None) -> bool:
-        """Send every hub that took the aborted version back to the previous deployment."""
-        counts = self.jobs.status_counts(deployment_id)
-        succeeded = counts[ExecutionStatus.SUCCEEDED]
+        """Send hubs that took an aborted version since the last look back as well."""
+        succeeded = self.jobs.status_counts(deployment_id)[ExecutionStatus.SUCCEEDED]
         with self.db.read() as session:
             row = session.get(DeploymentRow, deployment_id)
             if row is None or row.rolled_back >= succeeded:
                 return False
             target = row.target
-        things = [
-            execution.thing_name
-            for execution in self.jobs.list_executions(
-                deployment_id, status=ExecutionStatus.SUCCEEDED
-            )
-        ]
-        rollback_id = f"{deployment_id}{_ROLLBACK_SUFFIX}"
-        try:
-            self.jobs.describe_job(rollback_id)
-        except NotFoundError:
-            self.jobs.create_job(
-                rollback_id,
-                self._rollback_document(deployment_id, target, previous_id).to_json(),
-                description=f"rollback of deployment {deployment_id} on {target}",
-                target_selection="CONTINUOUS",
-            )
-        self.jobs.add_targets(rollback_id, things)
+        things = self._send_back(deployment_id, target, previous_id)
         with self.db.write() as session:
             row = session.get(DeploymentRow, deployment_id)
             if row is None:
@@ -558,6 +551,29 @@ class DeploymentEngine:
                 {"hubs": newly, "total": len(things), "to": previous_id},
             )
         return True
+
+    def _send_back(self, deployment_id: str, target: str, previous_id: str | None) -> list[str]:
+        """Queue the rollback job on every hub whose execution of ``deployment_id``
+        SUCCEEDED (the job is made on first use); returns those hubs."""
+        rollback_id = f"{deployment_id}{_ROLLBACK_SUFFIX}"
+        try:
+            self.jobs.describe_job(rollback_id)
+        except NotFoundError:
+            self.jobs.create_job(
+                rollback_id,
+                self._rollback_document(deployment_id, target, previous_id).to_json(),
+                description=f"rollback of deployment {deployment_id} on {target}",
+                target_selection="CONTINUOUS",
+            )
+        things = [
+            execution.thing_name
+            for execution in self.jobs.list_executions(
+                deployment_id, status=ExecutionStatus.SUCCEEDED
+            )
+        ]
+        if things:
+            self.jobs.add_targets(rollback_id, things)
+        return things
 
     # == internals =========================================================================
 
