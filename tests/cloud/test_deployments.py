@@ -373,3 +373,36 @@ def test_a_canary_group_must_hold_some_of_the_targets(fleet: Fleet) -> None:
 )
 def test_target_arns(arn: str, target: str) -> None:
     assert parse_target_arn(arn) == target
+
+
+def test_dependencies_are_resolved_from_the_registry(fleet: Fleet) -> None:
+    def publish(name: str, version: str, deps: dict[str, str]) -> None:
+        document = {
+            **recipe(version),
+            "ComponentName": name,
+            "ComponentDependencies": {
+                dep: {"VersionRequirement": requirement} for dep, requirement in deps.items()
+            },
+        }
+        fleet.components.publish(document, source=f"{name}.json", artifacts={})
+
+    publish("lib.a", "1.0.0", {})
+    publish("lib.a", "1.4.0", {"lib.b": ">=2.0.0"})
+    publish("lib.a", "2.0.0", {})
+    publish("lib.b", "2.1.0", {})
+    publish("app", "1.0.0", {"lib.a": "^1.0.0", "aws.greengrass.Nucleus": ">=2.0.0"})
+    deployment = fleet.engine.create(
+        {"targetArn": "thing/hub-0", "components": {"app": {"componentVersion": "1.0.0"}}}
+    )
+    document = parse_job_document(fleet.jobs.document(deployment.deployment_id))
+    # The newest lib.a within ^1 and what it needs; the Nucleus is the hub's to provide.
+    assert document.dependencies == {"lib.a": "1.4.0", "lib.b": "2.1.0"}
+    assert fleet.engine.may_download("hub-0", "lib.b", "2.1.0")
+
+    publish("clash", "1.0.0", {"lib.a": ">=2.0.0", "lib.c": "^1.0.0"})
+    publish("lib.c", "1.0.0", {"lib.a": "<2.0.0"})
+    with pytest.raises(ValidationError, match="dependencies cannot be satisfied") as caught:
+        fleet.engine.create(
+            {"targetArn": "thing/hub-0", "components": {"clash": {"componentVersion": "1.0.0"}}}
+        )
+    assert caught.value.field == "components" and "lib.a" in str(caught.value)

@@ -63,6 +63,7 @@ class Registry:
         *,
         fail_on: tuple[str, ...] = (),
         configuration: dict[str, Any] | None = None,
+        dependencies: dict[str, str] | None = None,
     ) -> None:
         folder = self.folder / f"{name}-{version}"
         folder.mkdir(parents=True)
@@ -81,6 +82,11 @@ class Registry:
         }
         if configuration is not None:
             recipe["ComponentConfiguration"] = {"DefaultConfiguration": configuration}
+        if dependencies:
+            recipe["ComponentDependencies"] = {
+                dep: {"VersionRequirement": requirement, "DependencyType": "HARD"}
+                for dep, requirement in dependencies.items()
+            }
         path = folder / "recipe.json"
         path.write_text(json.dumps(recipe))
         ctx = self.cloud.cloud.ctx
@@ -275,3 +281,18 @@ def test_merge_and_reset_from_two_deployments_to_overlapping_groups(
     assert ctx is not None
     failed = ctx.jobs.job_execution(newer, t2)
     assert red in failed.status_details["reason"] and newer in failed.status_details["reason"]
+
+
+def test_dependencies_come_from_the_registry_with_their_component(
+    registry: Registry, hubs: Callable[[int], list[tuple[CloudHub, str]]]
+) -> None:
+    ((hub, thing),) = hubs(1)
+    group = registry.group([thing])
+    app, lib = registry.component("App"), registry.component("Lib")
+    for version in ("1.0.0", "1.1.0", "2.0.0"):
+        registry.publish(lib, version)
+    registry.publish(app, "1.0.0", dependencies={lib: "^1.0.0"})
+    deployment_id = registry.deploy(group, {app: {"componentVersion": "1.0.0"}})
+    assert _settled(registry, deployment_id)["executions"].get("SUCCEEDED") == 1
+    assert _version(hub, app) == "1.0.0"
+    assert _version(hub, lib) == "1.1.0"  # the newest that ^1.0.0 allows

@@ -172,6 +172,7 @@ def test_a_job_document_round_trips() -> None:
         policies=Policies(health_window=2.0),
         jitter_seconds=1.5,
         rollback_of="d-0",
+        dependencies={"lib": "3.0.1"},
     )
     wire = json.loads(json.dumps(job.to_json()))
     assert parse_job_document(wire) == job
@@ -192,6 +193,9 @@ def test_a_rollback_to_nothing_is_a_job_without_components() -> None:
         ({"jitterSeconds": "soon"}, "jitterSeconds"),
         ({"rollbackOf": 3}, "rollbackOf"),
         ({"components": {"a": {"componentVersion": "x"}}}, "components.a.componentVersion"),
+        ({"dependencies": {"lib": "^1"}}, "dependencies.lib"),
+        ({"dependencies": {"lib": 1}}, "dependencies.lib"),
+        ({"dependencies": []}, "dependencies"),
     ],
 )
 def test_a_bad_job_document_names_its_field(patch: dict[str, Any], field: str) -> None:

@@ -63,9 +63,12 @@ from edgeloop.core.deployment import (
     parse_deployment,
     thing_target,
 )
-from edgeloop.core.errors import ConflictError, NotFoundError, ValidationError
+from edgeloop.core.errors import ConflictError, NotFoundError, ResolutionError, ValidationError
 from edgeloop.core.jobstate import ExecutionStatus
+from edgeloop.core.recipe import parse_recipe
+from edgeloop.core.resolver import Candidate, resolve
 from edgeloop.core.rollout import Counts, RolloutState, start, step
+from edgeloop.core.semver import Range, Version
 
 __all__ = [
     "STATUSES",
@@ -246,6 +249,7 @@ class DeploymentEngine:
         deployment = parse_deployment(body)
         for name, component in deployment.components.items():
             self.components.get(name, component.version)  # NotFoundError names it
+        dependencies = self._dependencies(deployment)
         things = self._target_things(target)
         if not things:
             raise ValidationError(
@@ -300,7 +304,7 @@ class DeploymentEngine:
             try:
                 self.jobs.create_job(
                     deployment_id,
-                    self._job_document(deployment_id, target, deployment).to_json(),
+                    self._job_document(deployment_id, target, deployment, dependencies).to_json(),
                     description=f"deployment {deployment.name or deployment_id} to {target}",
                     in_progress_timeout_minutes=deployment.rollout.execution_timeout_minutes,
                     target_selection="CONTINUOUS",
@@ -399,6 +403,8 @@ class DeploymentEngine:
                 continue
             spec = document.get("components", {}).get(name)
             if isinstance(spec, dict) and spec.get("componentVersion") == version:
+                return True
+            if document.get("dependencies", {}).get(name) == version:
                 return True
         return False
 
@@ -626,7 +632,11 @@ class DeploymentEngine:
         return previous, [row.deployment_id for row in rows if row.status in LIVE]
 
     def _job_document(
-        self, deployment_id: str, target: str, deployment: FleetDeployment
+        self,
+        deployment_id: str,
+        target: str,
+        deployment: FleetDeployment,
+        dependencies: Mapping[str, str],
     ) -> JobDocument:
         return JobDocument(
             deployment_id=deployment_id,
@@ -634,7 +644,48 @@ class DeploymentEngine:
             components=deployment.components,
             policies=deployment.policies,
             jitter_seconds=deployment.rollout.jitter_seconds,
+            dependencies=dependencies,
         )
+
+    def _dependencies(self, deployment: FleetDeployment) -> dict[str, str]:
+        """The versions of the components' (transitive) dependencies, resolved over the
+        registry as a hub would; dependencies the registry does not have are left to the
+        hub (a component it runs, or provides itself). ValidationError on a clash."""
+        available: dict[str, list[Candidate]] = {}
+        unpublished: set[str] = set()
+        waiting = list(deployment.components)
+        while waiting:
+            name = waiting.pop()
+            if name in available or name in unpublished:
+                continue
+            try:
+                versions = self.components.versions(name)
+            except NotFoundError:
+                unpublished.add(name)
+                continue
+            candidates = [
+                parse_recipe(v.recipe, source=f"{name} {v.version}").to_candidate()
+                for v in versions
+            ]
+            available[name] = candidates
+            waiting.extend(dep for c in candidates for dep in c.dependencies)
+        roots = {
+            name: Range.exact(Version.parse(c.version)) for name, c in deployment.components.items()
+        }
+        try:
+            resolution = resolve(
+                roots, available, builtins={name: Version(0, 0, 0) for name in unpublished}
+            )
+        except ResolutionError as err:
+            raise ValidationError(
+                f"the components' dependencies cannot be satisfied from the registry: {err}",
+                field="components",
+            ) from None
+        return {
+            name: str(version)
+            for name, version in sorted(resolution.versions.items())
+            if name not in deployment.components
+        }
 
     def _rollback_document(
         self, deployment_id: str, target: str, previous_id: str | None

@@ -117,6 +117,9 @@ class JobDocument:
     policies: Policies = field(default_factory=Policies)
     jitter_seconds: float = 0.0
     rollback_of: str | None = None  # set when this job undoes an aborted deployment
+    # Versions of the components' dependencies the cloud resolved from its registry, for
+    # the hub to download with them (its own resolver still has the last word).
+    dependencies: Mapping[str, str] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -124,6 +127,7 @@ class JobDocument:
             "deploymentId": self.deployment_id,
             "target": self.target,
             "components": {name: c.to_json() for name, c in sorted(self.components.items())},
+            "dependencies": dict(sorted(self.dependencies.items())),
             "deploymentPolicies": self.policies.to_json(),
             "jitterSeconds": self.jitter_seconds,
             "rollbackOf": self.rollback_of,
@@ -192,7 +196,22 @@ def parse_job_document(doc: object, *, source: str = "job document") -> JobDocum
         policies=_policies(body.get("deploymentPolicies"), source, "deploymentPolicies"),
         jitter_seconds=float(jitter),
         rollback_of=rollback_of,
+        dependencies=_dependencies(body.get("dependencies", {}), source),
     )
+
+
+def _dependencies(value: object, source: str) -> dict[str, str]:
+    body = _object(value, source, "dependencies")
+    for name, version in body.items():
+        if not isinstance(version, str):
+            raise ValidationError(
+                "must be a version string", source=source, field=f"dependencies.{name}"
+            )
+        try:
+            Version.parse(version)
+        except ValueError as err:
+            raise ValidationError(str(err), source=source, field=f"dependencies.{name}") from None
+    return dict(body)
 
 
 def union_roots(targets: Mapping[str, tuple[str, Mapping[str, str]]]) -> dict[str, str]:

@@ -291,18 +291,22 @@ class Downloads:
         self.timeout = timeout
 
     def needed(self, doc: JobDocument) -> list[tuple[str, str]]:
-        """The (name, version) pairs of the document the hub lacks a recipe or artifacts of."""
+        """The (name, version) pairs of the document — its components and the dependencies
+        the cloud resolved for them — the hub lacks a recipe or artifacts of."""
         os_name, arch = current_platform()
+        wanted = {name: target.version for name, target in doc.components.items()}
+        for name, version in doc.dependencies.items():
+            wanted.setdefault(name, version)
         missing = []
-        for name, target in sorted(doc.components.items()):
-            recipe = self.recipes.get(name, target.version)
+        for name, version in sorted(wanted.items()):
+            recipe = self.recipes.get(name, version)
             if recipe is not None:
                 manifest = recipe.select_manifest(os_name, arch)
                 if manifest is None or not manifest.artifacts:
                     continue
-                if self.artifacts.is_staged(name, target.version):
+                if self.artifacts.is_staged(name, version):
                     continue
-            missing.append((name, target.version))
+            missing.append((name, version))
         return missing
 
     def prepare(
