@@ -454,7 +454,7 @@ FAULTS: dict[str, FaultMode] = {
             applies_to=_ALL,
             knob=Knob.WEAR,
             default_ramp_s=24 * 3600.0,
-            signature="vibration RMS rises (*1+6·L² while running, with bursts); "
+            signature="vibration RMS rises (times 1+6·L² while running, with bursts); "
             "motor current +12%·L from friction",
         ),
         FaultMode(
@@ -514,7 +514,7 @@ FAULTS: dict[str, FaultMode] = {
             title="Spikes",
             applies_to=_ALL,
             sensor_fault=SensorFault.SPIKES,
-            signature=f"isolated outliers of 3-6* the sensor's spike size, "
+            signature=f"isolated outliers of 1-2 times the sensor's spike size, "
             f"{SPIKE_RATE:.0%}·L of samples per sensor, never two in a row",
         ),
     )
