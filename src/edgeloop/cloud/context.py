@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from edgeloop.cloud.components import ComponentRegistry
     from edgeloop.cloud.deployments import DeploymentEngine
     from edgeloop.cloud.jobs import JobStore
+    from edgeloop.cloud.lake import Lake
 
 log = logging.getLogger("edgeloop.cloud")
 
@@ -87,6 +88,13 @@ class CloudContext:
         from edgeloop.cloud.deployments import DeploymentEngine
 
         return DeploymentEngine(self.db, self.registry, self.jobs, self.components)
+
+    @functools.cached_property
+    def lake(self) -> Lake:
+        """The telemetry lake: Parquet in the object store, its manifest in the database."""
+        from edgeloop.cloud.lake import Lake
+
+        return Lake(self.db, self.objects, cache_dir=self.data_dir / "lake-cache")
 
     def crl_pem(self) -> bytes:
         """The CRL of every certificate revoked so far, signed by the issuing CA."""
