@@ -36,6 +36,7 @@ from edgeloop import __version__
 from edgeloop.cloud.api_components import component_router
 from edgeloop.cloud.api_deployments import deployments_router
 from edgeloop.cloud.api_jobs import jobs_router
+from edgeloop.cloud.api_lake import lake_router
 from edgeloop.cloud.context import CloudContext
 from edgeloop.cloud.pki import IssuedCertificate, load_certificate
 from edgeloop.cloud.registry import MAX_PAGE, Certificate, Thing
@@ -794,6 +795,7 @@ def create_app(ctx: CloudContext) -> FastAPI:
     app.include_router(component_router(ctx))
     app.include_router(jobs_router(ctx))
     app.include_router(deployments_router(ctx))
+    app.include_router(lake_router(ctx))
 
     # == errors: the one place they become HTTP ==========================================
 
