@@ -39,6 +39,7 @@ KNOWN_OPS = [
     "start",
     "status",
     "stop",
+    "streams",
 ]
 
 

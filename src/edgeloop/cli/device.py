@@ -194,6 +194,65 @@ def components_table(rows: list[dict[str, Any]]) -> Table:
 
 @app.command()
 @one_line_errors
+def streams(root: RootOption, as_json: JsonOption = False) -> None:
+    """Show the hub's durable streams: pending, exported, dropped (and why), oldest age."""
+    with ControlClient(root) as client:
+        result = client.call("streams")
+    if as_json:
+        print_json(result)
+        return
+    console.print(streams_table(result))
+
+
+def streams_table(rows: list[dict[str, Any]]) -> Table:
+    """The spool's streams as a rich table, in export order."""
+    table = Table(title="streams")
+    for column in ("stream", "priority", "full policy", "pending", "size", "oldest"):
+        table.add_column(column, no_wrap=True)
+    for column in ("appended", "exported", "dead-lettered"):
+        table.add_column(column, justify="right")
+    table.add_column("dropped", min_width=12)
+    for row in rows:
+        age = row["oldestPendingAge"]
+        dropped = ", ".join(f"{reason}: {n}" for reason, n in sorted(row["dropped"].items()))
+        table.add_row(
+            row["name"],
+            str(row["priority"]),
+            row["fullPolicy"],
+            f"{row['pending']} ({_bytes(row['pendingBytes'])})",
+            f"{_bytes(row['diskBytes'])} of {_bytes(row['maxBytes'])}",
+            "-" if age is None else _duration(age),
+            str(row["appended"]),
+            str(row["exported"]),
+            str(row["deadLettered"]),
+            f"[red]{escape(dropped)}[/red]" if dropped else "-",
+        )
+    return table
+
+
+def _bytes(n: int) -> str:
+    if n < 1024:
+        return f"{n} B"
+    size, unit = n / 1024, "KiB"
+    for bigger in ("MiB", "GiB"):
+        if size < 1024:
+            break
+        size, unit = size / 1024, bigger
+    return f"{size:.1f} {unit}"
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f}s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f}m"
+    if seconds < 48 * 3600:
+        return f"{seconds / 3600:.1f}h"
+    return f"{seconds / 86400:.1f}d"
+
+
+@app.command()
+@one_line_errors
 def deploy(
     root: RootOption,
     recipe_dir: Annotated[

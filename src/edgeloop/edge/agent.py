@@ -35,6 +35,7 @@ from edgeloop.edge.process import ProcessGroups
 from edgeloop.edge.recipes import RecipeStore
 from edgeloop.edge.settings import AgentSettings, Layout, provision_if_needed
 from edgeloop.edge.shadows import LocalShadows
+from edgeloop.edge.spool import Spool
 from edgeloop.edge.store import HubStore
 from edgeloop.edge.supervisor import Supervisor
 
@@ -54,6 +55,7 @@ class Agent:
         for folder in (layout.root, layout.logs, layout.packages, layout.work):
             folder.mkdir(parents=True, exist_ok=True)
         self.store = HubStore(layout.root)
+        self.spool = Spool(layout.root / "spool", settings.streams)  # recovers torn tails
         self.recipes = RecipeStore(layout.recipes)
         self.artifacts = ArtifactStore(layout.packages)
         self.groups = ProcessGroups(self.store.state_dir / "process-groups.json")
@@ -133,6 +135,7 @@ class Agent:
                 "stop": self._op_stop,
                 "start": self._op_start,
                 "shutdown": self._op_shutdown,
+                "streams": self._op_streams,
             },
         )
 
@@ -178,6 +181,7 @@ class Agent:
                 await self.cloud.stop()
             await self.ipc.close()
             await self.control.close()
+            await asyncio.to_thread(self.spool.close)  # after the components: they append
             self.settings.layout.pid_file.unlink(missing_ok=True)
             log.info("agent stopped")
 
@@ -266,6 +270,9 @@ class Agent:
     async def _op_shutdown(self, _: dict[str, Any]) -> str:
         self._stop.set()
         return "stopping"
+
+    async def _op_streams(self, _: dict[str, Any]) -> list[dict[str, Any]]:
+        return [metrics.to_json() for metrics in self.spool.metrics()]
 
 
 def request_from_json(req: dict[str, Any]) -> DeploymentRequest:

@@ -27,6 +27,11 @@ default ``device.key.pem``) the hub provisions itself by claim
 (``edgeloop.edge.cloud_link.provision_by_claim``) before anything else, stores its new
 certificate and key there (0600) and writes their names into ``agent.json``; once they
 exist the claim is not used again. A refusal stops the agent with the cloud's reason.
+
+The hub's durable streams are the ``streams`` key (see ``edgeloop.edge.spool_config``)::
+
+    "streams": {"telemetry": {"max_bytes": 67108864, "full_policy": "reject-new",
+                              "ttl_seconds": 604800, "priority": 1}}
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ from typing import Any
 
 from edgeloop.core.errors import ValidationError
 from edgeloop.edge.lifecycle import RestartPolicy
+from edgeloop.edge.spool_config import StreamConfig, parse_streams
 
 NUCLEUS_VERSION = "2.14.0"
 """The Greengrass nucleus version edgeloop reports itself as, for recipes that ask."""
@@ -160,6 +166,7 @@ class AgentSettings:
     log_max_bytes: int = 1024 * 1024
     log_backups: int = 3
     cloud: CloudConnection | None = None
+    streams: tuple[StreamConfig, ...] = ()  # the spool's streams; dead-letter always exists
 
     @property
     def layout(self) -> Layout:
@@ -205,6 +212,8 @@ class AgentSettings:
         for key, value in doc.items():
             if key == "restart":
                 changes["restart"] = _restart_policy(value, source)
+            elif key == "streams":
+                changes["streams"] = parse_streams(value, source=source)
             elif key == "cloud":
                 changes["cloud"] = None if value is None else _cloud(value, self.root, source)
             elif key in known:
