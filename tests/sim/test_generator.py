@@ -130,6 +130,8 @@ def test_labels_follow_the_scenario() -> None:
     start = sim.scenario.start_ms
     for reading in sim.readings(duration_s=4 * HOUR):
         t = (reading.ts_ms - start) / 1000
+        truth = sim.scenario.kit(reading.kit_id).truth(t)
+        assert (reading.label, reading.faults, reading.level) == truth
         if reading.kit_id == "furnace-1":
             expected = "bearing_wear" if t >= HOUR else "normal"
             assert reading.label == expected

@@ -147,6 +147,8 @@ class KitSimulator:
         self._injected = [
             _Injected(f, self.sensors, stream(_FAULTS, i)) for i, f in enumerate(kit.faults)
         ]
+        # The order the label takes its fault in: by start, then by entry.
+        self._by_start = sorted(range(len(kit.faults)), key=lambda i: (kit.faults[i].start_s, i))
 
     @property
     def next_ts_ms(self) -> int:
@@ -205,7 +207,15 @@ class KitSimulator:
 
         # Every stream gives its row every sample, whatever is active (see the module doc).
         rows = [injected.draws.next()[0] for injected in self._injected]
-        knobs = self._knobs(t_rel, rows) if rows else HEALTHY
+        if rows:
+            # Each fault's level once per sample; None outside its window.
+            levels = [
+                injected.fault.level(t_rel) if injected.fault.active(t_rel) else None
+                for injected in self._injected
+            ]
+            knobs = self._knobs(levels, rows)
+        else:
+            levels, knobs = [], HEALTHY
         u, n = self._plant_draws.next()
         truth = self._plant.step(t, local_h, knobs, u, n)
         _, noise = self._noise.next()
@@ -214,7 +224,7 @@ class KitSimulator:
             for i, (value, (rel, sd, *_)) in enumerate(zip(truth, self._channels, strict=True))
         ]
         if rows:
-            self._spikes(noisy, rows, t_rel)
+            self._spikes(noisy, rows, levels)
         values: list[float | None] = []
         for value, (_, _, low, high, res, digits, decimal) in zip(
             noisy, self._channels, strict=True
@@ -226,40 +236,54 @@ class KitSimulator:
             else:
                 values.append(round(round(clamped / res) * res, digits) + 0.0)
         if rows:
-            self._sensor_faults(values, rows, t_rel)
-            label, faults, level = kit.truth(t_rel)
+            self._sensor_faults(values, rows, levels)
+            label, faults, level = self._truth(levels)
         else:
             label, faults, level = NORMAL, (), 0.0
         return seq, ts_ms, values, label, faults, level
 
-    def _knobs(self, t_rel: float, rows: list[list[float]]) -> Knobs:
-        levels: dict[Knob, float] = {}
+    def _truth(self, levels: list[float | None]) -> tuple[str, tuple[str, ...], float]:
+        """What ``KitSpec.truth`` says, from this sample's levels (see the scenario doc)."""
+        active = [i for i in self._by_start if levels[i] is not None]
+        if not active:
+            return NORMAL, (), 0.0
+        first = levels[active[0]]
+        assert first is not None
+        return (
+            self._injected[active[0]].fault.fault,
+            tuple(self._injected[i].fault.fault for i in active),
+            first,
+        )
+
+    def _knobs(self, levels: list[float | None], rows: list[list[float]]) -> Knobs:
+        turned: dict[Knob, float] = {}
         roll = 1.0
-        for injected, row in zip(self._injected, rows, strict=True):
+        for injected, row, level in zip(self._injected, rows, levels, strict=True):
             knob = injected.mode.knob
-            if knob is None:
+            if knob is None or not level:
                 continue
-            level = injected.fault.level(t_rel)
-            if level > levels.get(knob, 0.0):
-                levels[knob] = level
+            if level > turned.get(knob, 0.0):  # two faults on one knob: the worse one
+                turned[knob] = level
                 if knob in (Knob.STICK_ON, Knob.STICK_OFF):
                     roll = row[-1]
-        if not levels:
+        if not turned:
             return HEALTHY
         return Knobs(
-            wear=levels.get(Knob.WEAR, 0.0),
-            capacity_loss=levels.get(Knob.CAPACITY_LOSS, 0.0),
-            restriction=levels.get(Knob.RESTRICTION, 0.0),
-            stick_on=levels.get(Knob.STICK_ON, 0.0),
-            stick_off=levels.get(Knob.STICK_OFF, 0.0),
+            wear=turned.get(Knob.WEAR, 0.0),
+            capacity_loss=turned.get(Knob.CAPACITY_LOSS, 0.0),
+            restriction=turned.get(Knob.RESTRICTION, 0.0),
+            stick_on=turned.get(Knob.STICK_ON, 0.0),
+            stick_off=turned.get(Knob.STICK_OFF, 0.0),
             relay_roll=roll,
         )
 
-    def _spikes(self, noisy: list[float], rows: list[list[float]], t_rel: float) -> None:
-        for injected, row in zip(self._injected, rows, strict=True):
+    def _spikes(
+        self, noisy: list[float], rows: list[list[float]], levels: list[float | None]
+    ) -> None:
+        for injected, row, level in zip(self._injected, rows, levels, strict=True):
             if injected.mode.sensor_fault is not SensorFault.SPIKES:
                 continue
-            rate = SPIKE_RATE * injected.fault.level(t_rel)
+            rate = SPIKE_RATE * (level or 0.0)
             for col in injected.columns:
                 # Never two in a row on one sensor: an outlier stands alone.
                 fires = rate > 0 and row[3 * col] < rate and not injected.spiked[col]
@@ -271,17 +295,16 @@ class KitSimulator:
                     noisy[col] += -size if down else size
 
     def _sensor_faults(
-        self, values: list[float | None], rows: list[list[float]], t_rel: float
+        self, values: list[float | None], rows: list[list[float]], levels: list[float | None]
     ) -> None:
-        for injected, row in zip(self._injected, rows, strict=True):
+        for injected, row, level in zip(self._injected, rows, levels, strict=True):
             kind = injected.mode.sensor_fault
             if kind is None or kind is SensorFault.SPIKES:
                 continue
-            level = injected.fault.level(t_rel)
+            if not level:
+                injected.held.clear()  # outside the window: a later one holds afresh
+                continue
             if kind is SensorFault.STUCK:
-                if level <= 0:
-                    injected.held.clear()  # repaired: a later window holds afresh
-                    continue
                 for col in injected.columns:
                     values[col] = injected.held.setdefault(col, values[col])
             else:  # DROPOUT
