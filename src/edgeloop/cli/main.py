@@ -7,6 +7,7 @@ import typer
 from edgeloop import __version__
 from edgeloop.cli.cloud import app as cloud_app
 from edgeloop.cli.cloud_deployment import deployment_app
+from edgeloop.cli.cloud_lake import lake_app
 from edgeloop.cli.device import app as device_app
 from edgeloop.cli.sim import app as sim_app
 
@@ -21,6 +22,7 @@ app.add_typer(device_app, name="device")
 app.add_typer(cloud_app, name="cloud")
 app.add_typer(sim_app, name="sim")
 cloud_app.add_typer(deployment_app, name="deployment")
+cloud_app.add_typer(lake_app, name="lake")
 
 
 @app.command()
