@@ -12,6 +12,7 @@ SUITES: dict[str, str] = {
     "edge": "benchmarks.edge_runtime",
     "ipc": "benchmarks.ipc",
     "sim": "benchmarks.sim",
+    "spool": "benchmarks.spool",
 }
 
 __all__ = ["SUITES"]

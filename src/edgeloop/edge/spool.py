@@ -162,11 +162,10 @@ class Spool:
         return [stream.metrics() for stream in self.streams]
 
     def flush(self, timeout: float | None = None) -> None:
-        """Return once every record appended before the call is fsynced."""
-        futures = [stream.durable_future() for stream in self._streams.values()]
-        self._wake.set()
-        for future in futures:
-            future.result(timeout)
+        """Return once every record appended before the call is fsynced (blocking: from
+        the event loop, use ``aflush``)."""
+        for stream in self._streams.values():
+            stream.flush(timeout)
 
     async def aflush(self) -> None:
         """``flush`` for the event loop: waits without blocking it."""

@@ -197,15 +197,20 @@ class Stream:
         return sequence
 
     def flush(self, timeout: float | None = None) -> None:
-        """Return once every record appended before the call is fsynced."""
-        self.durable_future().result(timeout)
+        """Return once every record appended before the call is fsynced (by this thread,
+        which blocks: from the event loop, use ``aflush``)."""
+        future = self.durable_future(kick=False)
+        if not future.done():
+            self.sync()
+        future.result(timeout)
 
     async def aflush(self) -> None:
         """``flush`` for the event loop."""
         await asyncio.wrap_future(self.durable_future())
 
-    def durable_future(self, sequence: int | None = None) -> Future[None]:
-        """A future done once ``sequence`` (default: the last appended) is fsynced."""
+    def durable_future(self, sequence: int | None = None, *, kick: bool = True) -> Future[None]:
+        """A future done once ``sequence`` (default: the last appended) is fsynced; ``kick``
+        wakes the fsync thread at once rather than at its next interval."""
         future: Future[None] = Future()
         with self._lock:
             target = self._next - 1 if sequence is None else sequence
@@ -217,7 +222,7 @@ class Stream:
                 future.set_exception(SpoolError(f"stream {self.name!r} is closed"))
             else:
                 self._waiters.append((target, future))
-        if not future.done():
+        if kick and not future.done():
             self._kick()
         return future
 
