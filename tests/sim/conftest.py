@@ -10,7 +10,6 @@ import socket
 import subprocess
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -56,14 +55,21 @@ def window(batch: Batch, from_h: float, to_h: float) -> slice:
 # --- a real Mosquitto with a mutual-TLS listener -------------------------------------------
 
 
-@dataclass(frozen=True)
-class TlsBroker:
-    """A throwaway Mosquitto on loopback that requires client certificates from ``ca``."""
+ALLOWED = "test"  # the topic tree the brokers' ACL opens to every client
 
-    port: int
-    ca: Path
-    ca_key: Path
-    folder: Path
+
+class TlsBroker:
+    """A throwaway Mosquitto on loopback that requires client certificates from ``ca``.
+
+    Persistent (sessions and queued messages survive ``restart``), like a hub's broker.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.ca, self.ca_key = make_ca(folder)
+        self.cert, self.key = _server_cert(folder, self.ca, self.ca_key)
+        self.port = _free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def hub(self) -> str:
@@ -78,6 +84,66 @@ class TlsBroker:
         cert.write_bytes(cert_pem)
         key.write_bytes(key_pem)
         return cert, key
+
+    def start(self) -> None:
+        mosquitto = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+        if not Path(mosquitto).exists():
+            pytest.fail("mosquitto is not installed: run `make setup`", pytrace=False)
+        acl = self.folder / "acl"
+        acl.write_text(f"pattern readwrite {ALLOWED}/#\n")
+        conf = self.folder / "mosquitto.conf"
+        conf.write_text(
+            "\n".join(
+                [
+                    # As root Mosquitto would drop to its own user, who cannot read here.
+                    *(["user root"] if os.geteuid() == 0 else []),
+                    "persistence true",
+                    f"persistence_location {self.folder}/",
+                    # An observer away for a restart must not miss readings queued for it.
+                    "max_queued_messages 100000",
+                    "log_dest stderr",
+                    "log_type error",
+                    "log_type warning",
+                    "log_type notice",
+                    f"listener {self.port} 127.0.0.1",
+                    f"cafile {self.ca}",
+                    f"certfile {self.cert}",
+                    f"keyfile {self.key}",
+                    "require_certificate true",
+                    "use_identity_as_username true",
+                    "allow_anonymous false",
+                    f"acl_file {acl}",
+                    "",
+                ]
+            )
+        )
+        with (self.folder / "mosquitto.log").open("ab") as log:
+            self.proc = subprocess.Popen(
+                [mosquitto, "-c", str(conf)], stdout=log, stderr=subprocess.STDOUT
+            )
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                return
+            except OSError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    self.stop()
+                    log_text = (self.folder / "mosquitto.log").read_text()
+                    pytest.fail(f"mosquitto did not start: {log_text}", pytrace=False)
+                time.sleep(0.05)
+
+    def stop(self) -> None:
+        """SIGTERM: Mosquitto saves its sessions and exits."""
+        if self.proc is None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc = None
 
 
 def make_ca(folder: Path, name: str = "test CA") -> tuple[Path, Path]:
@@ -168,57 +234,20 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def tls_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsBroker]:
     """Mosquitto with one listener: TLS, client certificates required, CN as username."""
-    mosquitto = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-    if not Path(mosquitto).exists():
-        pytest.fail("mosquitto is not installed: run `make setup`", pytrace=False)
-    folder = tmp_path_factory.mktemp("kits-broker")
-    ca, ca_key = make_ca(folder)
-    cert, key = _server_cert(folder, ca, ca_key)
-    port = _free_port()
-    conf = folder / "mosquitto.conf"
-    conf.write_text(
-        "\n".join(
-            [
-                # As root Mosquitto would drop to its own user, who cannot read this folder.
-                *(["user root"] if os.geteuid() == 0 else []),
-                "persistence false",
-                "log_dest stderr",
-                "log_type error",
-                "log_type warning",
-                "log_type notice",
-                f"listener {port} 127.0.0.1",
-                f"cafile {ca}",
-                f"certfile {cert}",
-                f"keyfile {key}",
-                "require_certificate true",
-                "use_identity_as_username true",
-                "allow_anonymous false",
-                "",
-            ]
-        )
-    )
-    log = (folder / "mosquitto.log").open("wb")
-    proc = subprocess.Popen([mosquitto, "-c", str(conf)], stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            break
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                pytest.fail(
-                    f"mosquitto did not start: {(folder / 'mosquitto.log').read_text()}",
-                    pytrace=False,
-                )
-            time.sleep(0.05)
+    broker = TlsBroker(tmp_path_factory.mktemp("kits-broker"))
+    broker.start()
     try:
-        yield TlsBroker(port=port, ca=ca, ca_key=ca_key, folder=folder)
+        yield broker
     finally:
-        proc.terminate()
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
+        broker.stop()
+
+
+@pytest.fixture
+def own_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsBroker]:
+    """A broker for one test alone, which it may stop and start."""
+    broker = TlsBroker(tmp_path_factory.mktemp("own-broker"))
+    broker.start()
+    try:
+        yield broker
+    finally:
+        broker.stop()

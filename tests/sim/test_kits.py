@@ -22,6 +22,8 @@ import pytest
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from edgeloop.core.errors import ValidationError
 from edgeloop.sim.generator import HomeSimulator
@@ -54,15 +56,20 @@ class Subscriber:
     """A paho client with its own certificate, collecting everything under a prefix."""
 
     def __init__(self, broker: TlsBroker, prefix: str) -> None:
-        cert, key = broker.client_cert(f"observer-{uuid.uuid4().hex[:6]}")
+        name = f"observer-{uuid.uuid4().hex[:6]}"
+        cert, key = broker.client_cert(name)
         self.messages: list[tuple[str, bytes, bool, float]] = []
         self.lock = threading.Lock()
         subscribed = threading.Event()
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=name, protocol=mqtt.MQTTv5)
         self.client.tls_set(ca_certs=str(broker.ca), certfile=str(cert), keyfile=str(key))
+        self.client.reconnect_delay_set(1, 1)
         self.client.on_message = self._on_message
         self.client.on_subscribe = lambda *args: subscribed.set()
-        self.client.connect("127.0.0.1", broker.port)
+        # A persistent session: the broker queues what arrives while this client is away.
+        properties = Properties(PacketTypes.CONNECT)
+        properties.SessionExpiryInterval = 300
+        self.client.connect("127.0.0.1", broker.port, clean_start=False, properties=properties)
         self.client.loop_start()
         self.client.subscribe(f"{prefix}/#", qos=1)
         assert subscribed.wait(10), "no SUBACK"
@@ -258,6 +265,44 @@ def test_ctrl_c_stops_cleanly_with_every_sent_reading_acknowledged(
         assert order[kit["kit"]] == list(range(kit["lastSeq"] + 1))
 
 
+def test_nothing_is_lost_when_the_broker_restarts_mid_run(
+    own_broker: TlsBroker, tmp_path: Path
+) -> None:
+    prefix = f"test/{uuid.uuid4().hex[:8]}"
+    subscriber = Subscriber(own_broker, prefix)
+    args = kits_args(own_broker, tmp_path / "certs", prefix, "--ca-key", str(own_broker.ca_key))
+    args += ["--appliances", "fridge,pump", "--speed", "3000", "--count", "600", "--json"]
+    proc = subprocess.Popen(
+        [str(EDGELOOP), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        subscriber.wait_for(100)
+        own_broker.stop()
+        time.sleep(1.0)  # the kits keep sampling, queueing, and retrying meanwhile
+        own_broker.start()
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err
+        summary = json.loads(out)
+        received = subscriber.wait_for(1200, timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        subscriber.close()
+    for kit in summary["kits"]:
+        assert kit["sent"] == kit["acked"] == 600
+        assert kit["connects"] >= 2  # it did lose the broker
+    # Every reading arrived (some twice), in order per kit apart from the resent ones.
+    seen: dict[str, set[int]] = {}
+    for _, payload, _ in received:
+        reading = decode(payload)
+        seen.setdefault(reading.kit_id, set()).add(reading.seq)
+    missing = {k: sorted(set(range(600)) - v) for k, v in seen.items()}
+    assert seen == {"fridge-1": set(range(600)), "pump-1": set(range(600))}, missing
+
+
 def test_a_kit_whose_certificate_the_broker_does_not_trust_is_refused(
     tls_broker: TlsBroker, tmp_path: Path
 ) -> None:
@@ -291,6 +336,16 @@ def test_a_kit_whose_certificate_the_broker_does_not_trust_is_refused(
     assert done.returncode == 1
     assert "kit pump-1 could not connect to 127.0.0.1:" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_readings_the_broker_refuses_are_reported(tls_broker: TlsBroker, tmp_path: Path) -> None:
+    args = kits_args(
+        tls_broker, tmp_path / "certs", "elsewhere", "--ca-key", str(tls_broker.ca_key)
+    )
+    done = edgeloop(*args, "--appliances", "pump", "--count", "5", "--speed", "0", "--json")
+    assert done.returncode == 1
+    assert json.loads(done.stdout)["kits"][0]["refused"] == 5
+    assert "refused 5 reading(s) of kit pump-1: Not authorized" in done.stderr
 
 
 def test_an_untrusted_broker_is_refused(tls_broker: TlsBroker, tmp_path: Path) -> None:

@@ -199,7 +199,8 @@ def kits(
         for client in clients.values():
             client.close()
     statuses = [c.status() for c in clients.values()]
-    unacked = sum(s.sent - s.acked for s in statuses)
+    unacked = sum(s.sent - s.acked - s.rejected for s in statuses)
+    refused = [s for s in statuses if s.rejected]
     if as_json:
         print_json(
             {
@@ -215,6 +216,7 @@ def kits(
                         "appliance": s.appliance,
                         "sent": s.sent,
                         "acked": s.acked,
+                        "refused": s.rejected,
                         "firstSeq": s.first_seq,
                         "lastSeq": s.last_seq,
                         "connects": s.connects,
@@ -224,11 +226,18 @@ def kits(
                 ],
             }
         )
+    for s in refused:
+        err_console.print(
+            f"[red]error:[/red] {broker} refused {s.rejected} reading(s) of kit {s.kit_id}: "
+            f"{s.rejection} (does its ACL let the kit publish under {prefix}/?)",
+            highlight=False,
+        )
     if unacked:
         err_console.print(
             f"[red]error:[/red] {unacked} reading(s) sent were not acknowledged by {broker}",
             highlight=False,
         )
+    if unacked or refused:
         raise typer.Exit(1)
 
 
@@ -276,7 +285,7 @@ def _view(
             s.appliance,
             link,
             str(s.sent),
-            str(s.acked),
+            str(s.acked) + (f" [red]({s.rejected} refused)[/red]" if s.rejected else ""),
             str(s.in_flight),
             "—" if s.last_seq is None else str(s.last_seq),
             label,

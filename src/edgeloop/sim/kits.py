@@ -23,7 +23,6 @@ import random
 import ssl
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -118,7 +117,9 @@ class KitStatus:
     appliance: str
     connected: bool
     sent: int  # readings handed to MQTT
-    acked: int  # readings the broker acknowledged (PUBACK)
+    acked: int  # readings the broker acknowledged (PUBACK) and accepted
+    rejected: int  # readings the broker acknowledged with an MQTT 5 failure reason
+    rejection: str | None  # the last such reason
     in_flight: int  # sent, not yet acknowledged
     first_seq: int | None
     last_seq: int | None
@@ -169,6 +170,7 @@ class KitClient:
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
         self._client.on_log = self._on_log
+        self._client.on_publish = self._on_publish
         # Only the network thread touches the socket: publish() from the runner queues the
         # packet and wakes the thread, instead of writing from a second thread.
         self._client.on_socket_register_write = lambda *_: None
@@ -177,7 +179,13 @@ class KitClient:
         self._leaving = threading.Event()  # stop once the DISCONNECT is out
         self._settled = threading.Event()  # the first attempt ended: connected or failed
         self._lock = threading.Lock()
-        self._pending: deque[Any] = deque()  # MQTTMessageInfo of unacknowledged readings
+        # Acknowledgements are matched by message id in on_publish, which may run before
+        # publish() has returned the id: such early ones wait in _early.
+        self._pending: set[int] = set()  # message ids of readings not yet acknowledged
+        self._status_mids: set[int] = set()
+        self._early: set[int] = set()
+        self._rejected = 0
+        self._rejection: str | None = None
         self._connected = False
         self._connack = False  # this attempt got a CONNACK
         self._connects = 0
@@ -214,14 +222,12 @@ class KitClient:
         if self._thread is None:
             return
         if self._connected:
-            info = self._client.publish(
-                status_topic(self.kit.kit_id, self.prefix),
-                status_payload(self.kit, online=False),
-                qos=1,
-                retain=True,
-            )
+            mid = self._publish_status(online=False)
             deadline = time.monotonic() + timeout
-            while not info.is_published() and self._connected and time.monotonic() < deadline:
+            while self._connected and time.monotonic() < deadline:
+                with self._lock:
+                    if mid not in self._status_mids:
+                        break  # acknowledged
                 time.sleep(0.01)
             self._leaving.set()
             self._client.disconnect()
@@ -249,10 +255,14 @@ class KitClient:
         info = self._client.publish(
             telemetry_topic(reading.kit_id, self.prefix), encode(reading), qos=1
         )
-        # paho keeps QoS 1 messages published while the kit is offline and sends them on
-        # reconnect; only a full queue loses one, and the queue is unbounded here.
+        # paho keeps a QoS 1 message published while the kit is offline (its rc then says
+        # "not connected") and sends it on reconnect; only a full queue would lose one, and
+        # the queue is unbounded here.
         with self._lock:
-            self._pending.append(info)
+            if info.mid in self._early:
+                self._early.discard(info.mid)
+            else:
+                self._pending.add(info.mid)
             self._sent += 1
             if self._first_seq is None:
                 self._first_seq = reading.seq
@@ -263,11 +273,37 @@ class KitClient:
     def in_flight(self) -> int:
         """Readings sent and not yet acknowledged."""
         with self._lock:
-            pending = self._pending
-            while pending and pending[0].is_published():
-                pending.popleft()
+            return len(self._pending)
+
+    def _publish_status(self, *, online: bool) -> int:
+        info = self._client.publish(
+            status_topic(self.kit.kit_id, self.prefix),
+            status_payload(self.kit, online=online),
+            qos=1,
+            retain=True,
+        )
+        with self._lock:
+            if info.mid in self._early:
+                self._early.discard(info.mid)
+            else:
+                self._status_mids.add(info.mid)
+        return int(info.mid)
+
+    def _on_publish(self, client: Any, userdata: Any, mid: int, reason: Any, props: Any) -> None:
+        with self._lock:
+            if mid in self._status_mids:
+                self._status_mids.discard(mid)
+                return
+            if mid not in self._pending:
+                self._early.add(mid)
+                return
+            self._pending.discard(mid)
+            if getattr(reason, "is_failure", False):
+                # MQTT 5: the broker answered, and refused the message (an ACL, say).
+                self._rejected += 1
+                self._rejection = str(reason)
+            else:
                 self._acked += 1
-            return len(pending)
 
     def drain(self, timeout: float) -> bool:
         """Wait until every reading sent is acknowledged; False on timeout."""
@@ -288,6 +324,8 @@ class KitClient:
                 connected=self._connected,
                 sent=self._sent,
                 acked=self._acked,
+                rejected=self._rejected,
+                rejection=self._rejection,
                 in_flight=in_flight,
                 first_seq=self._first_seq,
                 last_seq=self._last_seq,
@@ -362,12 +400,7 @@ class KitClient:
         self._connected = True
         self._connects += 1
         self._error = None
-        client.publish(
-            status_topic(self.kit.kit_id, self.prefix),
-            status_payload(self.kit, online=True),
-            qos=1,
-            retain=True,
-        )
+        self._publish_status(online=True)
         self._settled.set()
 
     def _on_disconnect(
