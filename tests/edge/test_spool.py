@@ -386,6 +386,21 @@ def test_records_older_than_the_ttl_are_dropped_and_counted(
     assert metrics.oldest_pending_age is None
 
 
+def test_a_full_stream_drops_expired_records_before_refusing_new_ones(
+    spools: Spools,
+) -> None:
+    clock = Clock()
+    config = StreamConfig(name="t", max_bytes=16384, segment_bytes=SMALL, ttl_seconds=60)
+    stream = spools.open(config, clock=clock).stream("t")
+    with pytest.raises(StreamFullError):
+        while True:
+            stream.append(b"r" * 100)
+    clock.now += 61
+    assert stream.append(b"r" * 100) > 0  # room made by expiry, not refused
+    metrics = stream.metrics()
+    assert metrics.dropped[DROPPED_EXPIRED] > 0 and metrics.dropped[DROPPED_REJECTED] == 1
+
+
 def test_a_clock_stepped_back_does_not_reorder_timestamps(
     spools: Spools,
 ) -> None:

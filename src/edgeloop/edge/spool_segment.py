@@ -10,7 +10,7 @@ names sort in order (``00000000000000000001.seg``), and holds::
 little-endian; the CRC covers the length, the sequence, the timestamp and the payload.
 Records are only ever appended. A record cut short (a write interrupted by a crash) or
 whose CRC does not match ends the readable part of a segment: ``scan`` reports where.
-Pure framing — the policy (rolling, recovery, fsync) lives in ``spool.py``.
+Pure framing: the files are ``spool_files.py``'s, the policy ``spool_stream.py``'s.
 
 A record of the ``dead-letter`` stream carries the record it stands for::
 

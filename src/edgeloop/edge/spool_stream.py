@@ -463,6 +463,9 @@ class Stream:
         """The stream is full: make room for a record of ``size`` bytes or raise; whether
         a new segment must still be started for it."""
         files = self._files
+        self._expire()  # expired records make room before anything is refused or overwritten
+        if files.disk + size + (HEAD if roll else 0) <= self._max_bytes:
+            return roll
         if self._committed == self._next - 1 and files.tail.size > HEAD:
             # Everything exported, yet full (the limit was lowered): start a fresh tail so
             # that the old one can go.
