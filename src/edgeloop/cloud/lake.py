@@ -70,7 +70,13 @@ from edgeloop.cloud.lake_rows import convert, merge_ranges, quarantine_table, se
 from edgeloop.cloud.lake_upkeep import CompactionResult, RetentionResult
 from edgeloop.cloud.objectstore import LocalObjectStore, ObjectStore
 from edgeloop.core.errors import ConflictError, ValidationError
-from edgeloop.core.telemetry import TelemetryBatch, batch_digest, check_thing, decode_batch
+from edgeloop.core.telemetry import (
+    BatchColumns,
+    TelemetryBatch,
+    batch_digest,
+    check_thing,
+    decode_columns,
+)
 
 __all__ = [
     "CompactionResult",
@@ -195,17 +201,17 @@ class Lake:
         source: str = "https",
     ) -> IngestResult:
         """Decode an uploaded batch and ingest it; ``thing`` (the caller) must be its thing."""
-        batch = decode_batch(data)
-        if thing is not None and batch.thing != thing:
+        columns = decode_columns(data)
+        if thing is not None and columns.thing != thing:
             raise ValidationError(
-                f"the batch is of thing {batch.thing!r}, uploaded for {thing!r}",
+                f"the batch is of thing {columns.thing!r}, uploaded for {thing!r}",
                 field="header.thing",
             )
-        return self.ingest(batch, idempotency_key=idempotency_key, source=source)
+        return self.ingest(columns, idempotency_key=idempotency_key, source=source)
 
     def ingest(
         self,
-        batch: TelemetryBatch,
+        batch: TelemetryBatch | BatchColumns,
         *,
         idempotency_key: str | None = None,
         source: str = "https",
@@ -216,20 +222,21 @@ class Lake:
                 "must be 1-200 printable ASCII characters without spaces",
                 field="Idempotency-Key",
             )
-        digest = batch_digest(batch) if idempotency_key is not None else ""
-        with self._locks[zlib.crc32(f"{batch.thing}/{batch.stream}".encode()) % _LOCK_STRIPES]:
+        columns = batch if isinstance(batch, BatchColumns) else BatchColumns.of(batch)
+        digest = batch_digest(columns) if idempotency_key is not None else ""
+        thing, stream = columns.thing, columns.stream
+        with self._locks[zlib.crc32(f"{thing}/{stream}".encode()) % _LOCK_STRIPES]:
             for _ in range(_ATTEMPTS):
                 if idempotency_key is not None:
-                    replay = self._replay(batch.thing, idempotency_key, digest)
+                    replay = self._replay(thing, idempotency_key, digest)
                     if replay is not None:
                         return replay
                 try:
-                    return self._ingest_once(batch, idempotency_key, digest, source)
+                    return self._ingest_once(columns, idempotency_key, digest, source)
                 except Stale:
                     continue
         raise ConflictError(
-            f"stream {batch.stream!r} of {batch.thing!r} kept changing under this upload; "
-            "send it again"
+            f"stream {stream!r} of {thing!r} kept changing under this upload; send it again"
         )
 
     def _replay(self, thing: str, key: str, digest: str) -> IngestResult | None:
@@ -245,28 +252,32 @@ class Lake:
             return IngestResult(**{**row.result, "replayed": True})
 
     def _ingest_once(
-        self, batch: TelemetryBatch, key: str | None, digest: str, source: str
+        self, batch: BatchColumns, key: str | None, digest: str, source: str
     ) -> IngestResult:
-        thing, stream, records = batch.thing, batch.stream, batch.records
+        thing, stream = batch.thing, batch.stream
+        received = len(batch.payloads)
         with self.db.read() as session:
             held = session.get(LakeStreamRow, (thing, stream))
             ranges = list(held.ranges) if held is not None else []
             version = held.version if held is not None else 0
-        sequences = np.fromiter((r.sequence for r in records), np.int64, len(records))
+        sequences = np.array(batch.sequences, dtype=np.int64)
         new = ~seen_mask(ranges, sequences)
         _, first = np.unique(sequences, return_index=True)
-        once = np.zeros(len(records), dtype=bool)
+        once = np.zeros(received, dtype=bool)
         once[first] = True
         take = np.flatnonzero(new & once)
-        fresh = [records[i] for i in take] if len(take) != len(records) else list(records)
+        fresh = len(take)
         now = self.clock()
         written: list[WrittenFile] = []
         quarantined = 0
         if fresh:
+            all_fresh = fresh == received
             converted = convert(
                 thing,
                 stream,
-                fresh,
+                sequences if all_fresh else sequences[take],
+                np.array(batch.timestamps, dtype=np.int64)[take],
+                batch.payloads if all_fresh else [batch.payloads[i] for i in take],
                 ingest_time=now,
                 source=source,
                 max_future_us=int(self.settings.max_future.total_seconds() * 1_000_000),
@@ -281,9 +292,9 @@ class Lake:
         result = IngestResult(
             thing=thing,
             stream=stream,
-            received=len(records),
-            accepted=len(fresh) - quarantined,
-            duplicates=len(records) - len(fresh),
+            received=received,
+            accepted=fresh - quarantined,
+            duplicates=received - fresh,
             quarantined=quarantined,
         )
         if not fresh and key is None:

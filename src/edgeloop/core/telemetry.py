@@ -9,7 +9,10 @@ Encoding (version 1), all integers little-endian::
 
     "ELTB" 0x01                       magic and version
     u32 header length, header JSON    {"thing": ..., "stream": ..., "count": N}
-    N x (u64 sequence, i64 timestamp in µs since the Unix epoch, u32 length, payload)
+    N x u64                           sequence numbers
+    N x i64                           timestamps, µs since the Unix epoch (UTC)
+    N x u32                           payload lengths
+    the N payloads, back to back
 
 compressed with gzip (level 6, mtime 0, so equal batches encode to equal bytes) over
 HTTPS (``Content-Encoding: gzip``) and, optionally, over MQTT; a decoder accepts both
@@ -37,6 +40,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import itertools
 import json
 import math
 import re
@@ -57,6 +61,7 @@ __all__ = [
     "MAX_SENSORS",
     "STREAM_PATTERN",
     "TELEMETRY_TOPIC_FILTER",
+    "BatchColumns",
     "Reading",
     "Record",
     "TelemetryBatch",
@@ -64,6 +69,7 @@ __all__ = [
     "check_stream",
     "check_thing",
     "decode_batch",
+    "decode_columns",
     "encode_batch",
     "encode_reading",
     "idempotency_key",
@@ -94,7 +100,6 @@ TOPIC_PREFIX: Final = "edgeloop/things/"
 TELEMETRY_TOPIC_FILTER: Final = "edgeloop/things/+/telemetry/+"
 
 _HEADER_LEN = struct.Struct("<I")
-_RECORD = struct.Struct("<QqI")
 _GZIP_MAGIC = b"\x1f\x8b"
 
 
@@ -129,6 +134,41 @@ class TelemetryBatch:
         return max((r.sequence for r in self.records), default=None)
 
 
+@dataclass(frozen=True)
+class BatchColumns:
+    """A batch as parallel columns, as it is laid out on the wire.
+
+    What a server decodes into when it goes on to columnar work: no object per record.
+    """
+
+    thing: str
+    stream: str
+    sequences: tuple[int, ...]
+    timestamps: tuple[int, ...]  # µs since the Unix epoch, UTC
+    payloads: tuple[bytes, ...]
+
+    @classmethod
+    def of(cls, batch: TelemetryBatch) -> BatchColumns:
+        """The columns of ``batch``."""
+        return cls(
+            batch.thing,
+            batch.stream,
+            tuple(r.sequence for r in batch.records),
+            tuple(r.timestamp_us for r in batch.records),
+            tuple(r.payload for r in batch.records),
+        )
+
+    def records(self) -> tuple[Record, ...]:
+        """The records, one tuple each."""
+        new = tuple.__new__
+        return tuple(
+            [
+                new(Record, fields)
+                for fields in zip(self.sequences, self.timestamps, self.payloads, strict=True)
+            ]
+        )
+
+
 def check_thing(thing: object, *, field: str = "thing") -> str:
     """``thing`` if it is a valid thing name; ValidationError naming ``field`` otherwise."""
     if not is_thing_name(thing):
@@ -155,45 +195,68 @@ def check_stream(stream: object, *, field: str = "stream") -> str:
 
 def encode_batch(batch: TelemetryBatch, *, compress: bool = True, level: int = GZIP_LEVEL) -> bytes:
     """The batch's bytes: framed, and gzipped unless ``compress`` is False."""
-    body = _frame(batch)
+    body = _frame(BatchColumns.of(batch))
     return gzip.compress(body, compresslevel=level, mtime=0) if compress else body
 
 
-def _frame(batch: TelemetryBatch) -> bytes:
-    if len(batch.records) > MAX_BATCH_RECORDS:
+def _frame(batch: BatchColumns) -> bytes:
+    sequences, timestamps, payloads = batch.sequences, batch.timestamps, batch.payloads
+    count = len(payloads)
+    if count > MAX_BATCH_RECORDS:
         raise ValidationError(
-            f"{len(batch.records)} records; a batch holds at most {MAX_BATCH_RECORDS}",
-            field="records",
+            f"{count} records; a batch holds at most {MAX_BATCH_RECORDS}", field="records"
         )
     header = json.dumps(
-        {"thing": batch.thing, "stream": batch.stream, "count": len(batch.records)},
+        {"thing": batch.thing, "stream": batch.stream, "count": count},
         separators=(",", ":"),
     ).encode()
-    parts = [MAGIC, _HEADER_LEN.pack(len(header)), header]
-    pack = _RECORD.pack
-    for index, (sequence, timestamp, payload) in enumerate(batch.records):
-        if not 0 <= sequence <= MAX_SEQUENCE:
-            raise ValidationError(
-                f"{sequence} is outside 0..2**63-1", field=f"records[{index}].sequence"
+    lengths = [len(p) for p in payloads]
+    try:
+        columns = (
+            struct.pack(f"<{count}Q", *sequences)
+            + struct.pack(f"<{count}q", *timestamps)
+            + struct.pack(f"<{count}I", *lengths)
+        )
+    except struct.error:
+        raise _out_of_range(sequences, timestamps) from None
+    if count and max(sequences) > MAX_SEQUENCE:
+        raise _out_of_range(sequences, timestamps)
+    if count and max(lengths) > MAX_PAYLOAD_BYTES:
+        index = next(i for i, n in enumerate(lengths) if n > MAX_PAYLOAD_BYTES)
+        raise ValidationError(
+            f"{lengths[index]} bytes; a payload holds at most {MAX_PAYLOAD_BYTES}",
+            field=f"records[{index}].payload",
+        )
+    return b"".join([MAGIC, _HEADER_LEN.pack(len(header)), header, columns, *payloads])
+
+
+def _out_of_range(sequences: tuple[int, ...], timestamps: tuple[int, ...]) -> ValidationError:
+    for index, (sequence, timestamp) in enumerate(zip(sequences, timestamps, strict=True)):
+        if type(sequence) is not int or not 0 <= sequence <= MAX_SEQUENCE:
+            return ValidationError(
+                f"{sequence!r} is not an integer in 0..2**63-1",
+                field=f"records[{index}].sequence",
             )
-        if len(payload) > MAX_PAYLOAD_BYTES:
-            raise ValidationError(
-                f"{len(payload)} bytes; a payload holds at most {MAX_PAYLOAD_BYTES}",
-                field=f"records[{index}].payload",
-            )
-        try:
-            parts.append(pack(sequence, timestamp, len(payload)))
-        except struct.error as err:
-            raise ValidationError(
-                f"does not fit a signed 64-bit integer: {err}",
+        if type(timestamp) is not int or not -(2**63) <= timestamp < 2**63:
+            return ValidationError(
+                f"{timestamp!r} is not a signed 64-bit integer",
                 field=f"records[{index}].timestamp_us",
-            ) from err
-        parts.append(payload)
-    return b"".join(parts)
+            )
+    return ValidationError("a record does not fit the format", field="records")
 
 
 def decode_batch(data: bytes, *, max_bytes: int = MAX_DECODED_BYTES) -> TelemetryBatch:
     """A batch from its bytes, gzipped or not; ValidationError naming what is wrong."""
+    columns = decode_columns(data, max_bytes=max_bytes)
+    batch = TelemetryBatch.__new__(TelemetryBatch)  # names checked by decode_columns
+    object.__setattr__(batch, "thing", columns.thing)
+    object.__setattr__(batch, "stream", columns.stream)
+    object.__setattr__(batch, "records", columns.records())
+    return batch
+
+
+def decode_columns(data: bytes, *, max_bytes: int = MAX_DECODED_BYTES) -> BatchColumns:
+    """A batch's columns from its bytes, gzipped or not; ValidationError naming what is wrong."""
     body = _gunzip(data, max_bytes) if data[:2] == _GZIP_MAGIC else data
     if body[: len(MAGIC)] != MAGIC:
         if body[:4] == MAGIC[:4]:
@@ -205,8 +268,7 @@ def decode_batch(data: bytes, *, max_bytes: int = MAX_DECODED_BYTES) -> Telemetr
         raise ValidationError(
             "not a telemetry batch (it does not start with ELTB, gzipped or not)", field="body"
         )
-    offset = len(MAGIC)
-    header, offset = _header(body, offset)
+    header, offset = _header(body, len(MAGIC))
     thing = check_thing(header.get("thing"), field="header.thing")
     stream = check_stream(header.get("stream"), field="header.stream")
     count = header.get("count")
@@ -214,45 +276,47 @@ def decode_batch(data: bytes, *, max_bytes: int = MAX_DECODED_BYTES) -> Telemetr
         raise ValidationError(
             f"{count!r} is not a record count in 0..{MAX_BATCH_RECORDS}", field="header.count"
         )
-    records: list[Record] = []
-    append = records.append
-    unpack = _RECORD.unpack_from
-    size = _RECORD.size
     end = len(body)
-    new = tuple.__new__
-    for index in range(count):
-        if offset + size > end:
-            raise ValidationError(
-                f"the body ends inside record {index} of {count}", field=f"records[{index}]"
-            )
-        sequence, timestamp, length = unpack(body, offset)
-        offset += size
-        if offset + length > end:
-            raise ValidationError(
-                f"the body ends inside record {index}'s payload of {length} bytes",
-                field=f"records[{index}].payload",
-            )
-        if length > MAX_PAYLOAD_BYTES:
-            raise ValidationError(
-                f"{length} bytes; a payload holds at most {MAX_PAYLOAD_BYTES}",
-                field=f"records[{index}].payload",
-            )
-        if sequence > MAX_SEQUENCE:
-            raise ValidationError(
-                f"{sequence} is outside 0..2**63-1", field=f"records[{index}].sequence"
-            )
-        append(new(Record, (sequence, timestamp, body[offset : offset + length])))
-        offset += length
-    if offset != end:
+    if offset + 20 * count > end:
+        index = min(count - 1, max(0, (end - offset) // 20))
         raise ValidationError(
-            f"{end - offset} bytes follow the {count} records the header announces",
+            f"the body ends inside the record headers ({count} announced)",
+            field=f"records[{index}]",
+        )
+    sequences = struct.unpack_from(f"<{count}Q", body, offset)
+    timestamps = struct.unpack_from(f"<{count}q", body, offset + 8 * count)
+    lengths = struct.unpack_from(f"<{count}I", body, offset + 16 * count)
+    offset += 20 * count
+    if count and max(sequences) > MAX_SEQUENCE:
+        index = next(i for i, n in enumerate(sequences) if n > MAX_SEQUENCE)
+        raise ValidationError(
+            f"{sequences[index]} is outside 0..2**63-1", field=f"records[{index}].sequence"
+        )
+    if count and max(lengths) > MAX_PAYLOAD_BYTES:
+        index = next(i for i, n in enumerate(lengths) if n > MAX_PAYLOAD_BYTES)
+        raise ValidationError(
+            f"{lengths[index]} bytes; a payload holds at most {MAX_PAYLOAD_BYTES}",
+            field=f"records[{index}].payload",
+        )
+    total = sum(lengths)
+    if offset + total > end:
+        available = end - offset
+        index = next(i for i, stop in enumerate(itertools.accumulate(lengths)) if stop > available)
+        raise ValidationError(
+            f"the body ends inside record {index}'s payload of {lengths[index]} bytes",
+            field=f"records[{index}].payload",
+        )
+    if offset + total != end:
+        raise ValidationError(
+            f"{end - offset - total} bytes follow the {count} records the header announces",
             field="header.count",
         )
-    batch = TelemetryBatch.__new__(TelemetryBatch)  # names checked above
-    object.__setattr__(batch, "thing", thing)
-    object.__setattr__(batch, "stream", stream)
-    object.__setattr__(batch, "records", tuple(records))
-    return batch
+    payloads: list[bytes] = []
+    append = payloads.append
+    for length in lengths:
+        append(body[offset : offset + length])
+        offset += length
+    return BatchColumns(thing, stream, sequences, timestamps, tuple(payloads))
 
 
 def _gunzip(data: bytes, max_bytes: int) -> bytes:
@@ -287,9 +351,10 @@ def _header(body: bytes, offset: int) -> tuple[dict[str, Any], int]:
     return header, offset + length
 
 
-def batch_digest(batch: TelemetryBatch) -> str:
+def batch_digest(batch: TelemetryBatch | BatchColumns) -> str:
     """SHA-256 (hex) of the batch's uncompressed encoding: equal content, equal digest."""
-    return hashlib.sha256(_frame(batch)).hexdigest()
+    columns = batch if isinstance(batch, BatchColumns) else BatchColumns.of(batch)
+    return hashlib.sha256(_frame(columns)).hexdigest()
 
 
 def idempotency_key(batch: TelemetryBatch) -> str:
