@@ -186,7 +186,11 @@ def _eligible(payloads: Sequence[bytes]) -> tuple[list[int], list[int], bytes | 
         and joined.count(b"\n") == count - 1
         and joined.count(b"}\n{") == count - 1
         and b"\r" not in joined
-        and joined.count(b"null") == joined.count(b'"label":null') + joined.count(b'"kit_seq":null')
+        and (
+            b"null" not in joined
+            or joined.count(b"null")
+            == joined.count(b'"label":null') + joined.count(b'"kit_seq":null')
+        )
     ):
         return list(range(count)), [], joined
     fast: list[int] = []
@@ -263,7 +267,7 @@ def _columnar(
         ),
     )
     ok_np = pc.fill_null(ok, False).to_numpy(zero_copy_only=False) & (
-        (per_row >= 1) & (per_row <= MAX_SENSORS)
+        sensors.is_valid().to_numpy(zero_copy_only=False) & (per_row <= MAX_SENSORS)
     )
     for column in unknown:
         ok_np &= ~column.is_valid().to_numpy(zero_copy_only=False)

@@ -17,10 +17,17 @@ Encoding (version 1), all integers little-endian::
 compressed with gzip (level 6, mtime 0, so equal batches encode to equal bytes) over
 HTTPS (``Content-Encoding: gzip``) and, optionally, over MQTT; a decoder accepts both
 forms. The framing keeps payloads opaque: a payload that is not a valid reading is
-quarantined by the cloud on its own, while the records around it are kept. Measured on
-furnace readings of ~137 bytes of JSON: 157 bytes a record framed, ~20 gzipped (gzip-1:
-~24, for a quarter of the compression time); framing costs ~0.4 µs a record to encode and
-~0.7 µs to decode in CPython, against ~23 µs for JSON Lines carrying the same records.
+quarantined by the cloud on its own, while the records around it are kept; and it lays
+records out as columns, so a server decodes 10,000 records with three ``struct`` calls
+instead of an object each. Measured on furnace readings (156 bytes of JSON, three
+sensors) in batches of 10,000, CPython 3.11 on a loaded 2-core machine: 176 bytes a
+record framed, 19.4 gzipped (level 1: 25.5; JSON Lines, level 6: 22.5); framing 0.5 µs a
+record, gzip-6 6.8 µs (level 1: 2.3); decoding, gunzip included, 1.0 µs a record into
+columns, 1.7 into records, against 17 µs to read the same records as JSON Lines.
+
+Sequence numbers are never reused within a (thing, stream): the cloud keeps each once,
+so a hub whose spool is wiped must start its sequences above any it used before (the
+current time in microseconds is a safe start).
 
 A **reading** (the payload of a monitoring-kit record) is a JSON object::
 
@@ -28,7 +35,8 @@ A **reading** (the payload of a monitoring-kit record) is a JSON object::
      "sensors": {"temp_c": 61.2, "current_a": 3.1}, "kit_seq": 42, "label": "normal"}
 
 ``kit``, ``appliance``, ``ts`` (the device's clock, seconds since the Unix epoch) and
-``sensors`` (sensor name to number) are required; ``kit_seq`` (the kit's own counter)
+``sensors`` (sensor name to number; a sensor that gave no value is left out, so it may
+be empty) are required; ``kit_seq`` (the kit's own counter)
 and ``label`` (ground truth, when known) may be left out or null. Any other field is an
 error, named, so a misspelling is caught rather than silently dropped.
 
@@ -435,7 +443,7 @@ def reading_from_json(document: object) -> Reading:
         and 0 < len(kit) <= MAX_NAME
         and 0 < len(appliance) <= MAX_NAME
         and (label is None or len(label) <= MAX_LABEL)
-        and 0 < len(sensors) <= MAX_SENSORS
+        and len(sensors) <= MAX_SENSORS
         and document.keys() <= _READING_FIELDS
         and _sensors_ok(sensors)
     ):
@@ -498,9 +506,9 @@ def _explain_sensors(sensors: object) -> None:
         raise ValidationError(
             f"must be an object of sensor name to number, not {_kind(sensors)}", field="sensors"
         )
-    if not 0 < len(sensors) <= MAX_SENSORS:
+    if len(sensors) > MAX_SENSORS:
         raise ValidationError(
-            f"has {len(sensors)} sensors; a reading has 1-{MAX_SENSORS}", field="sensors"
+            f"has {len(sensors)} sensors; a reading has at most {MAX_SENSORS}", field="sensors"
         )
     for name, value in sensors.items():
         if not SENSOR_PATTERN.fullmatch(name):
