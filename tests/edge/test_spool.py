@@ -295,7 +295,10 @@ def test_a_damaged_sealed_segment_is_skipped_counted_and_reading_goes_on(
     assert [r.sequence for r in records] == [1, 2, 3, 4, 5, *range(in_first + 1, 101)]
     assert stream.metrics().dropped == {DROPPED_CORRUPT: in_first - 5}
     drain(stream)  # counted once, however often it is read
-    assert stream.metrics().dropped == {DROPPED_CORRUPT: in_first - 5}
+    stream.commit(100)
+    metrics = stream.metrics()
+    assert metrics.dropped == {DROPPED_CORRUPT: in_first - 5}
+    assert metrics.exported == 100 - (in_first - 5) and metrics.pending == 0
 
 
 # -- full policies ----------------------------------------------------------------------
@@ -437,6 +440,22 @@ def test_a_poison_record_goes_to_the_dead_letter_stream_with_its_reason(
     )
     with pytest.raises(SpoolError, match="cannot be dead-lettered"):
         letters.dead_letter(kept, "again")
+
+
+def test_a_dead_letter_is_not_offered_again_even_after_a_restart(spools: Spools) -> None:
+    stream = spools.open(StreamConfig(name="t")).stream("t")
+    for payload in (b"poison", b"good"):
+        stream.append(payload)
+    stream.flush()
+    poison, _ = stream.read_batch()
+    stream.dead_letter(poison, "refused")
+    assert [r.payload for r in stream.read_batch()] == [b"good"]
+    stream = spools.reopen(StreamConfig(name="t")).stream("t")
+    assert [r.payload for r in stream.read_batch()] == [b"good"]
+    metrics = stream.metrics()
+    assert (metrics.pending, metrics.dead_lettered) == (1, 1)
+    stream.commit(2)
+    assert (stream.metrics().exported, stream.metrics().dead_lettered) == (1, 1)
 
 
 def test_commit_deletes_exported_segments_and_survives_reopen(spools: Spools) -> None:
@@ -705,7 +724,7 @@ BOUNDED_OPERATIONS = st.lists(
         st.tuples(st.just("flush"), st.none()),
         st.tuples(st.just("read"), st.integers(1, 60)),
         st.tuples(st.just("commit"), st.integers(0, 60)),
-        st.tuples(st.just("dead-letter"), st.none()),
+        st.tuples(st.just("dead-letter"), st.integers(0, 60)),
         st.tuples(st.just("sweep"), st.none()),
         st.tuples(st.just("reopen"), st.none()),
     ),
@@ -729,6 +748,7 @@ def test_every_record_is_pending_exported_dead_lettered_or_counted_as_dropped(
         try:
             stream = spool.stream("b")
             stored: dict[int, bytes] = {}
+            lettered: set[int] = set()
             last_read: list[Record] = []
             for name, argument in operations:
                 if name == "append":
@@ -749,14 +769,16 @@ def test_every_record_is_pending_exported_dead_lettered_or_counted_as_dropped(
                     sequences = [r.sequence for r in last_read]
                     assert sequences == sorted(set(sequences))
                     assert all(stored[r.sequence] == r.payload for r in last_read)
+                    assert not lettered & set(sequences)  # a dead letter is not offered again
                     assert all(r.sequence > stream.metrics().committed_sequence for r in last_read)
                 elif name == "commit" and last_read:
                     assert argument is not None
                     stream.commit(last_read[min(argument, len(last_read) - 1)].sequence)
                 elif name == "dead-letter" and last_read:
-                    stream.dead_letter(last_read[0], "refused")
-                    stream.commit(last_read[0].sequence)
-                    last_read = []
+                    assert argument is not None
+                    letter = last_read[min(argument, len(last_read) - 1)]
+                    stream.dead_letter(letter, "refused")
+                    lettered.add(letter.sequence)
                 elif name == "sweep":
                     stream.sweep()
                 elif name == "reopen":

@@ -39,7 +39,8 @@ Durability — the guarantee:
 * ``commit()`` replaces ``state.json`` atomically (temp file, rename) at once and fsyncs it
   with the next group commit. A commit lost to a crash means records are exported again:
   duplicates the cloud drops. ``dead_letter(record, reason)`` returns once the dead-letter
-  copy is fsynced, so a commit past the record can never outlive the copy.
+  copy is fsynced, so a commit past the record can never outlive the copy; the record is
+  not offered to readers again, restarts included.
 
 Nothing accepted leaves a stream but by an acknowledged commit, a dead letter, or a counted
 drop: "overwritten" and "expired" (by policy), "corrupt" (damage found on disk);

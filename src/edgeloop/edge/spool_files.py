@@ -54,6 +54,7 @@ class Damage:
     segment: int
     offset: int
     lost: int  # records the rest of the segment held
+    last: int  # the last of them
     problem: str
 
 
@@ -235,7 +236,9 @@ class SegmentFiles:
             elif found.problem is not None:
                 last = batch.records[-1].sequence if batch.records else after
                 lost = max(0, segment.last - max(last, segment.first - 1))
-                batch.damage.append(Damage(segment.first, offset, lost, found.problem))
+                batch.damage.append(
+                    Damage(segment.first, offset, lost, segment.last, found.problem)
+                )
                 offset = segment.size
             elif not data or found.end < len(data):
                 break  # a limit was reached

@@ -64,8 +64,8 @@ class StreamMetrics:
     appended: int
     exported: int
     dead_lettered: int
-    pending: int
-    pending_bytes: int
+    pending: int  # records waiting for export (not dead-lettered, not lost)
+    pending_bytes: int  # bytes of the records after the committed cursor
     disk_bytes: int
     segments: int
     dropped: dict[str, int] = field(default_factory=dict)  # reason -> records
@@ -142,7 +142,9 @@ class Stream:
         self._exported = 0
         self._dead_lettered = 0
         self._dropped: dict[str, int] = {}
-        self._dead: set[int] = set()  # dead-lettered sequences not yet committed past
+        # Sequence ranges already counted (dead-lettered, lost to damage) that the cursor
+        # has not passed yet: passing them must not count them again.
+        self._counted: list[tuple[int, int]] = []
         self._changed = False  # counters ``state.json`` does not have yet
         self._damaged: set[tuple[int, int]] = set()  # damage already counted
         self._open()
@@ -250,10 +252,12 @@ class Stream:
         stream = self._dead_letters()
         sequence = stream.append(letter.encode())
         with self._lock:
-            if record.sequence > self._committed:  # else already counted (say, as expired)
+            if record.sequence > self._committed and self._settle(
+                record.sequence, after=record.sequence - 1
+            ):  # else already counted (say, as expired, or dead-lettered before)
                 self._dead_lettered += 1
-                self._changed = True
-                self._dead.add(record.sequence)
+                self._counted.append((record.sequence, record.sequence))
+                self._write_state()  # so that a restart does not offer the record again
         return stream, sequence
 
     # -- reading ------------------------------------------------------------------------
@@ -280,9 +284,12 @@ class Stream:
                 max_sequence=self._durable,
             )
             self._count_damage(batch)
-            if batch.records:
-                self._hint = (batch.records[-1].sequence, batch.position)
-            return batch.records
+            records = batch.records
+            if self._counted:  # dead-lettered records are not offered again
+                records = [r for r in records if not self._is_counted(r.sequence)]
+            if records and records[-1] is batch.records[-1]:
+                self._hint = (records[-1].sequence, batch.position)
+            return records
 
     def commit(self, upto: int) -> None:
         """Mark every record up to ``upto`` exported (the cloud acknowledged them)."""
@@ -299,9 +306,7 @@ class Stream:
                 position = self._hint[1]
             else:
                 position = self._files.locate(upto)
-            passed = self._files.count(self._committed, upto)
-            dead = sum(1 for s in self._dead if s <= upto)
-            self._exported += max(0, passed - dead)
+            self._exported += self._settle(upto)
             self._advance(upto, position)
             self._write_state()
             self._drop_consumed()
@@ -330,7 +335,7 @@ class Stream:
                 appended=self._appended,
                 exported=self._exported,
                 dead_lettered=self._dead_lettered,
-                pending=self._files.count(self._committed, self._next - 1),
+                pending=self._settle(self._next - 1),
                 pending_bytes=self._files.bytes_from(self._cursor),
                 disk_bytes=self._files.disk,
                 segments=len(self._files.segments),
@@ -439,6 +444,11 @@ class Stream:
         self._exported = int(state.get("exported", 0))
         self._dead_lettered = int(state.get("deadLettered", 0))
         self._dropped = {str(k): int(v) for k, v in dict(state.get("dropped", {})).items()}
+        self._counted = [
+            (int(first), int(last))
+            for first, last in state.get("counted", [])
+            if int(last) > self._committed
+        ]
 
     def _load_state(self) -> dict[str, Any]:
         path = self.folder / STATE_FILE
@@ -485,7 +495,7 @@ class Stream:
         dropped = False
         while files.disk + size > self._max_bytes and len(files.segments) > 1:
             oldest = files.segments[0]
-            lost = files.count(self._committed, oldest.last)
+            lost = self._settle(oldest.last)
             if lost:
                 self._drop(DROPPED_OVERWRITTEN, lost)
             if self._committed < oldest.last:
@@ -526,6 +536,7 @@ class Stream:
             return
         files = self._files
         before = self._committed
+        expired = 0
         while True:
             # Timestamps never go backwards: a segment is wholly expired when the first
             # record of the next one is, and is dropped unread.
@@ -536,16 +547,19 @@ class Stream:
             stamp = files.first_timestamp(following)
             if stamp is None or stamp >= cutoff:
                 break
-            self._advance(max(self._committed, files.segments[index].last), (following.first, HEAD))
+            upto = max(self._committed, files.segments[index].last)
+            expired += self._settle(upto)
+            self._advance(upto, (following.first, HEAD))
         batch = files.read(
             self._cursor, after=self._committed, max_records=1 << 30, min_timestamp=cutoff
         )
         self._count_damage(batch)
         if batch.records:
+            expired += self._settle(batch.records[-1].sequence)
             self._advance(batch.records[-1].sequence, batch.position)
-        expired = files.count(before, self._committed)
         if expired:
             self._drop(DROPPED_EXPIRED, expired)
+        if self._committed != before:
             self._write_state()
             self._drop_consumed()
 
@@ -555,6 +569,8 @@ class Stream:
                 continue
             self._damaged.add((damage.segment, damage.offset))
             self._drop(DROPPED_CORRUPT, damage.lost)
+            if damage.lost:
+                self._counted.append((damage.last - damage.lost + 1, damage.last))
             log.error(
                 "stream %s: %s at byte %d of segment %d; %d record(s) after it are lost",
                 self.name,
@@ -565,12 +581,25 @@ class Stream:
             )
 
     # -- bookkeeping --------------------------------------------------------------------
+    def _settle(self, upto: int, *, after: int | None = None) -> int:
+        """Records in (after, upto] (after: the committed cursor) not counted already."""
+        low = self._committed if after is None else after
+        total = self._files.count(low, upto)
+        for first, last in self._counted:
+            overlap = min(last, upto) - max(first, low + 1) + 1
+            if overlap > 0:
+                total -= overlap
+        return max(0, total)
+
+    def _is_counted(self, sequence: int) -> bool:
+        return any(first <= sequence <= last for first, last in self._counted)
+
     def _advance(self, committed: int, position: Position) -> None:
         self._committed = committed
         self._cursor = self._files.normal(position)
         self._head_ts = None
-        if self._dead:
-            self._dead = {s for s in self._dead if s > committed}
+        if self._counted:
+            self._counted = [(f, last) for f, last in self._counted if last > committed]
 
     def _head_timestamp(self) -> int | None:
         if self._head_ts is None and self._committed < self._next - 1:
@@ -588,6 +617,7 @@ class Stream:
             "exported": self._exported,
             "deadLettered": self._dead_lettered,
             "dropped": self._dropped,
+            "counted": self._counted,
         }
         try:
             # Not fsynced here (the append path must not wait): the next sync does it.
