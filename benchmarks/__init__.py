@@ -11,6 +11,7 @@ SUITES: dict[str, str] = {
     # suite name -> module, imported only when the suite runs
     "edge": "benchmarks.edge_runtime",
     "ipc": "benchmarks.ipc",
+    "lake": "benchmarks.lake",
     "sim": "benchmarks.sim",
     "spool": "benchmarks.spool",
 }
