@@ -31,6 +31,11 @@ never by a timer. Dynamic queries see a thing's static groups only in
 
 Connectivity moves forward only: an event older than (or as old as) the stored one is
 ignored, so a late last-will cannot mark a hub offline after its newer birth message.
+
+Every hub's birth messages and shadow updates land in ``set_connectivity`` and
+``put_shadow``; they run prebuilt Core statements (the ORM's unit of work cost three times
+as much), and have batch forms, ``set_connectivity_many`` and ``put_shadows`` (behind
+``RegistryShadowStorage.batch()``), that write whatever is waiting in one transaction.
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ import functools
 import math
 import re
 import threading
-from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -47,7 +52,8 @@ from typing import Any, Literal, NamedTuple
 
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
-from sqlalchemy import delete, func, insert, select, update
+from sqlalchemy import bindparam, delete, func, insert, select, update
+from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -80,10 +86,13 @@ from edgeloop.core.shadowbook import ShadowEntry
 __all__ = [
     "Certificate",
     "Connectivity",
+    "ConnectivityEvent",
     "Event",
     "Registry",
     "RegistryShadowStorage",
     "RevokedSerial",
+    "ShadowBatch",
+    "ShadowWrite",
     "StoredShadow",
     "Thing",
     "ThingGroup",
@@ -106,6 +115,46 @@ AttributeValue = str | int | float | bool
 GroupKind = Literal["static", "dynamic"]
 CertificateKind = Literal["device", "claim"]
 Document = dict[str, Any]
+
+
+# Statements of the hot paths (a birth message or a shadow update of every hub), built
+# once: building a statement costs more than running it on SQLite.
+_THING_EXISTS = select(ThingRow.name).where(ThingRow.name == bindparam("b_thing"))
+_DYNAMIC_GROUPS = select(ThingGroupRow.name, ThingGroupRow.query).where(
+    ThingGroupRow.kind == "dynamic"
+)
+_THINGS_KNOWN = select(ThingRow.name).where(
+    ThingRow.name.in_(bindparam("b_things", expanding=True))
+)
+_CONNECTIVITY_SINCE_MANY = (
+    select(ConnectivityRow.thing_name, ConnectivityRow.since)
+    .where(ConnectivityRow.thing_name.in_(bindparam("b_things", expanding=True)))
+    .with_for_update()
+)
+_CONNECTIVITY_INSERT = insert(ConnectivityRow)
+_CONNECTIVITY_UPDATE = update(ConnectivityRow).where(
+    ConnectivityRow.thing_name == bindparam("b_thing")
+)
+_SHADOW_VERSION = (
+    select(ShadowRow.version)
+    .where(ShadowRow.thing_name == bindparam("b_thing"), ShadowRow.name == bindparam("b_name"))
+    .with_for_update()
+)
+_SHADOWS_OF = (
+    select(ShadowRow.name, ShadowRow.document, ShadowRow.version, ShadowRow.updated_at)
+    .where(ShadowRow.thing_name == bindparam("b_thing"))
+    .order_by(ShadowRow.name)
+)
+_SHADOWS_STORED = (
+    select(ShadowRow.thing_name, ShadowRow.name)
+    .where(ShadowRow.thing_name.in_(bindparam("b_things", expanding=True)))
+    .with_for_update()
+)
+_SHADOW_INSERT = insert(ShadowRow)
+_SHADOW_UPDATE = update(ShadowRow).where(
+    ShadowRow.thing_name == bindparam("b_thing"), ShadowRow.name == bindparam("b_name")
+)
+_EVENT_INSERT = insert(EventRow).returning(EventRow.id)
 
 
 # --- what the registry returns ----------------------------------------------------------
@@ -156,6 +205,26 @@ class Certificate:
     created_at: datetime
     revoked_at: datetime | None
     revoke_reason: str | None
+
+
+class ConnectivityEvent(NamedTuple):
+    """A connect or disconnect seen at ``at`` (a birth message, a last will)."""
+
+    thing: str
+    connected: bool
+    at: datetime
+    client_id: str | None = None
+    reason: str | None = None  # why it disconnected
+
+
+class ShadowWrite(NamedTuple):
+    """One shadow to store: ``ShadowDocument.to_json()``, or None for a deleted one."""
+
+    thing: str
+    name: str  # "" for the classic shadow
+    document: Mapping[str, Any] | None
+    version: int
+    at: datetime | None = None  # when it changed; None: now
 
 
 class RevokedSerial(NamedTuple):
@@ -277,6 +346,18 @@ def _check_patch(patch: object, *, allow_null: bool) -> dict[str, AttributeValue
     return checked
 
 
+def _check_shadow_write(name: str, document: object, version: object) -> None:
+    if name and not _SHADOW_NAME.fullmatch(name):
+        raise ValidationError(
+            f"{name!r} must be 1-64 characters of letters, digits, ':', '_' and '-'",
+            field="shadowName",
+        )
+    if document is not None and not isinstance(document, Mapping):
+        raise ValidationError("must be a JSON object or null", field="document")
+    if isinstance(version, bool) or not isinstance(version, int) or version < 0:
+        raise ValidationError("must be a non-negative integer", field="version")
+
+
 def _check_count(attributes: Mapping[str, object]) -> None:
     if len(attributes) > MAX_ATTRIBUTES:
         raise ValidationError(
@@ -326,6 +407,7 @@ class _Change:
     """What one write did, applied to the document cache after it commits."""
 
     events: list[EventRow] = field(default_factory=list)
+    event_ids: list[int] = field(default_factory=list)  # events inserted with Core statements
     things: set[str] = field(default_factory=set)
     everything: bool = False
 
@@ -726,6 +808,66 @@ class Registry:
             )
         return _certificate(row)
 
+    def record_certificates(self, pems_by_thing: Mapping[str, str | bytes]) -> int:
+        """Record many device certificates, one per thing, in one transaction (a bulk
+        import, as ``create_things`` is); returns how many.
+
+        All or nothing: an unknown thing, an unreadable PEM or a certificate already
+        recorded refuses the whole batch.
+        """
+        now = self._now()
+        rows: list[dict[str, Any]] = []
+        for thing, pem in pems_by_thing.items():
+            cert = pki.load_certificate(pem.encode() if isinstance(pem, str) else pem)
+            rows.append(
+                {
+                    "certificate_id": pki.fingerprint(cert),
+                    "thing_name": thing,
+                    "kind": "device",
+                    "pem": cert.public_bytes(_PEM).decode(),
+                    "serial": str(cert.serial_number),
+                    "issuer": cert.issuer.rfc4514_string(),
+                    "status": "ACTIVE",
+                    "created_at": now,
+                }
+            )
+        if not rows:
+            return 0
+        if len({row["certificate_id"] for row in rows}) != len(rows):
+            raise ConflictError("the same certificate is given for two things")
+        with self._write() as (session, change):
+            things = list(pems_by_thing)
+            ids = [row["certificate_id"] for row in rows]
+            for chunk in _chunks(things):
+                known = set(session.scalars(select(ThingRow.name).where(ThingRow.name.in_(chunk))))
+                missing = next((thing for thing in chunk if thing not in known), None)
+                if missing is not None:
+                    raise NotFoundError("thing", missing)
+            for chunk in _chunks(ids):
+                taken = session.scalars(
+                    select(CertificateRow.certificate_id).where(
+                        CertificateRow.certificate_id.in_(chunk)
+                    )
+                )
+                first = next(iter(taken), None)
+                if first is not None:
+                    raise ConflictError(f"certificate {first} is already recorded")
+            session.execute(insert(CertificateRow), rows)
+            session.execute(
+                insert(EventRow),
+                [
+                    {
+                        "at": now,
+                        "kind": "certificate.recorded",
+                        "subject": row["certificate_id"],
+                        "detail": {"thing": row["thing_name"], "kind": "device"},
+                    }
+                    for row in rows
+                ],
+            )
+            change.everything = True
+        return len(rows)
+
     def get_certificate(self, certificate_id: str) -> Certificate:
         """The certificate with this id; NotFoundError if there is none."""
         with self.db.read() as session:
@@ -871,43 +1013,89 @@ class Registry:
     ) -> bool:
         """Record a connect or disconnect observed at ``at``; False when it was ignored
         because the stored state is as new or newer (messages can arrive out of order)."""
-        at = _aware(at, "timestamp")
+        applied = self.set_connectivity_many(
+            [ConnectivityEvent(thing, connected, at, client_id, reason)]
+        )[0]
+        if applied is None:
+            raise NotFoundError("thing", thing)
+        return applied
+
+    def set_connectivity_many(self, events: Sequence[ConnectivityEvent]) -> list[bool | None]:
+        """Record many connects and disconnects in one transaction, in order.
+
+        One result per event: True recorded, False ignored (the stored state, or an
+        earlier event of the batch, is as new or newer), None when no such thing is
+        registered. A fleet's birth messages arrive in storms; one transaction for all
+        that are waiting costs one commit instead of one each.
+        """
+        checked = [
+            ConnectivityEvent(
+                event.thing,
+                bool(event.connected),
+                _aware(event.at, "timestamp"),
+                event.client_id,
+                event.reason,
+            )
+            for event in events
+        ]
+        if not checked:
+            return []
         for attempt in range(2):
             try:
-                return self._set_connectivity(thing, bool(connected), at, client_id, reason)
+                return self._set_connectivity_many(checked)
             except IntegrityError:
-                # Two first reports of one thing raced to insert its row: the loser retries
-                # as an update against the winner's.
+                # Two first reports of one thing raced (from two processes) to insert its
+                # row: the loser retries as an update against the winner's.
                 if attempt:
                     raise
         raise AssertionError("unreachable")
 
-    def _set_connectivity(
-        self, thing: str, connected: bool, at: datetime, client_id: str | None, reason: str | None
-    ) -> bool:
+    def _set_connectivity_many(self, events: list[ConnectivityEvent]) -> list[bool | None]:
+        # Core statements on the session's connection: the birth message of every hub that
+        # connects lands here, and the ORM's unit of work would take most of the time.
+        names = sorted({event.thing for event in events})
+        results: list[bool | None] = []
         with self._write() as (session, change):
-            self._thing_row(session, thing)
-            row = session.get(ConnectivityRow, thing, with_for_update=True)
-            if row is not None and at <= row.since:
-                return False
-            if row is None:
-                row = ConnectivityRow(thing_name=thing)
-                session.add(row)
-            row.connected = connected
-            row.since = at
-            row.client_id = client_id
-            row.disconnect_reason = None if connected else reason
-            self._event(
-                session,
-                change,
-                "thing.connected" if connected else "thing.disconnected",
-                thing,
-                at=at.isoformat(),
-                clientId=client_id,
-                reason=row.disconnect_reason,
-            )
-            self._refresh_dynamic(session, change, thing, {"connectivity"})
-            return True
+            connection = session.connection()
+            known: set[str] = set()
+            since: dict[str, datetime] = {}
+            for chunk in _chunks(names):
+                known.update(connection.execute(_THINGS_KNOWN, {"b_things": chunk}).scalars())
+                since.update(
+                    connection.execute(_CONNECTIVITY_SINCE_MANY, {"b_things": chunk}).all()
+                )
+            groups = self._dynamic_groups(session)
+            for thing, connected, at, client_id, reason in events:
+                if thing not in known:
+                    results.append(None)
+                    continue
+                before = since.get(thing)
+                if before is not None and at <= before:
+                    results.append(False)
+                    continue
+                values = {
+                    "connected": connected,
+                    "since": at,
+                    "client_id": client_id,
+                    "disconnect_reason": None if connected else reason,
+                }
+                if before is None:
+                    connection.execute(_CONNECTIVITY_INSERT, {"thing_name": thing, **values})
+                else:
+                    connection.execute(_CONNECTIVITY_UPDATE, {"b_thing": thing, **values})
+                since[thing] = at
+                self._log(
+                    connection,
+                    change,
+                    "thing.connected" if connected else "thing.disconnected",
+                    thing,
+                    at=at.isoformat(),
+                    clientId=client_id,
+                    reason=values["disconnect_reason"],
+                )
+                self._refresh_dynamic(session, change, thing, {"connectivity"}, groups=groups)
+                results.append(True)
+        return results
 
     def connectivity(self, thing: str) -> Connectivity | None:
         """A thing's last known connectivity (None: never seen); NotFoundError if no thing."""
@@ -930,11 +1118,10 @@ class Registry:
 
     def list_shadows(self, thing: str) -> list[StoredShadow]:
         """Every stored shadow row of a thing, deleted ones included, by name."""
+        # Core rows: the shadow service reads every thing's shadows on first use.
         with self.db.read() as session:
-            rows = session.scalars(
-                select(ShadowRow).where(ShadowRow.thing_name == thing).order_by(ShadowRow.name)
-            )
-            return [_shadow(row) for row in rows]
+            rows = session.connection().execute(_SHADOWS_OF, {"b_thing": thing})
+            return [StoredShadow(thing, *row) for row in rows]
 
     def put_shadow(
         self,
@@ -951,33 +1138,29 @@ class Registry:
         ``expected_version`` makes it a compare-and-set: ConflictError unless the stored
         version is that (0: no row yet).
         """
-        if name and not _SHADOW_NAME.fullmatch(name):
-            raise ValidationError(
-                f"{name!r} must be 1-64 characters of letters, digits, ':', '_' and '-'",
-                field="shadowName",
-            )
-        if document is not None and not isinstance(document, Mapping):
-            raise ValidationError("must be a JSON object or null", field="document")
-        if isinstance(version, bool) or not isinstance(version, int) or version < 0:
-            raise ValidationError("must be a non-negative integer", field="version")
+        _check_shadow_write(name, document, version)
         stamp = _aware(at, "updatedAt") if at is not None else self._now()
+        stored = dict(document) if document is not None else None
+        # Core statements, as in _set_connectivity_many: every shadow update of the fleet
+        # lands here.
         with self._write() as (session, change):
-            self._thing_row(session, thing)
-            row = session.get(ShadowRow, (thing, name), with_for_update=True)
-            current = row.version if row is not None else 0
+            connection = session.connection()
+            self._require_thing(connection, thing)
+            key = {"b_thing": thing, "b_name": name}
+            found = connection.execute(_SHADOW_VERSION, key).scalar_one_or_none()
+            current = found if found is not None else 0
             if expected_version is not None and expected_version != current:
                 raise ConflictError(
                     f"shadow {name or '(classic)'!r} of {thing!r} is at version {current}, "
                     f"not {expected_version}"
                 )
-            if row is None:
-                row = ShadowRow(thing_name=thing, name=name)
-                session.add(row)
-            row.document = dict(document) if document is not None else None
-            row.version = version
-            row.updated_at = stamp
-            self._event(
-                session,
+            values = {"document": stored, "version": version, "updated_at": stamp}
+            if found is None:
+                connection.execute(_SHADOW_INSERT, {"thing_name": thing, "name": name, **values})
+            else:
+                connection.execute(_SHADOW_UPDATE, {**key, **values})
+            self._log(
+                connection,
                 change,
                 "shadow.updated" if document is not None else "shadow.deleted",
                 thing,
@@ -986,7 +1169,56 @@ class Registry:
             )
             paths = {f"shadow.name.{name}"} if name else {"shadow.reported", "shadow.desired"}
             self._refresh_dynamic(session, change, thing, paths)
-        return _shadow(row)
+        return StoredShadow(thing, name, stored, version, stamp)
+
+    def put_shadows(self, writes: Sequence[ShadowWrite]) -> set[str]:
+        """Store many shadow documents in one transaction, in order (as ``put_shadow``
+        without its compare-and-set); returns the things not registered, whose writes
+        were skipped. The shadow service writes every update waiting for it this way."""
+        now = self._now()
+        checked: list[ShadowWrite] = []
+        for write in writes:
+            _check_shadow_write(write.name, write.document, write.version)
+            stamp = _aware(write.at, "updatedAt") if write.at is not None else now
+            stored = dict(write.document) if write.document is not None else None
+            checked.append(ShadowWrite(write.thing, write.name, stored, write.version, stamp))
+        if not checked:
+            return set()
+        names = sorted({write.thing for write in checked})
+        with self._write() as (session, change):
+            connection = session.connection()
+            known: set[str] = set()
+            for chunk in _chunks(names):
+                known.update(connection.execute(_THINGS_KNOWN, {"b_things": chunk}).scalars())
+            groups = self._dynamic_groups(session)
+            stored_before: set[tuple[str, str]] = set()
+            for chunk in _chunks([name for name in names if name in known]):
+                stored_before.update(
+                    (thing, shadow)
+                    for thing, shadow in connection.execute(_SHADOWS_STORED, {"b_things": chunk})
+                )
+            for thing, name, document, version, at in checked:
+                if thing not in known:
+                    continue
+                values = {"document": document, "version": version, "updated_at": at}
+                if (thing, name) in stored_before:
+                    connection.execute(_SHADOW_UPDATE, {"b_thing": thing, "b_name": name, **values})
+                else:
+                    connection.execute(
+                        _SHADOW_INSERT, {"thing_name": thing, "name": name, **values}
+                    )
+                    stored_before.add((thing, name))
+                self._log(
+                    connection,
+                    change,
+                    "shadow.updated" if document is not None else "shadow.deleted",
+                    thing,
+                    shadow=name,
+                    version=version,
+                )
+                paths = {f"shadow.name.{name}"} if name else {"shadow.reported", "shadow.desired"}
+                self._refresh_dynamic(session, change, thing, paths, groups=groups)
+        return set(names) - known
 
     def shadow_storage(self) -> RegistryShadowStorage:
         """A ``ShadowStorage`` for ``ShadowBook`` that keeps shadows in this registry."""
@@ -1130,19 +1362,25 @@ class Registry:
     # == dynamic groups ==================================================================
 
     def _dynamic_groups(self, session: Session) -> dict[str, _Compiled]:
-        rows = session.execute(
-            select(ThingGroupRow.name, ThingGroupRow.query).where(ThingGroupRow.kind == "dynamic")
-        )
+        rows = session.connection().execute(_DYNAMIC_GROUPS)
         return {name: _compile(query) for name, query in rows if query is not None}
 
     def _refresh_dynamic(
-        self, session: Session, change: _Change, thing: str, changed: set[str] | None
+        self,
+        session: Session,
+        change: _Change,
+        thing: str,
+        changed: set[str] | None,
+        *,
+        groups: Mapping[str, _Compiled] | None = None,
     ) -> None:
         """Recompute the thing's dynamic memberships that ``changed`` paths can affect
-        (None: all of them), within the current write."""
+        (None: all of them), within the current write. ``groups``: the dynamic groups, when
+        the caller read them already (a batch reads them once)."""
+        every = groups if groups is not None else self._dynamic_groups(session)
         groups = {
             name: compiled
-            for name, compiled in self._dynamic_groups(session).items()
+            for name, compiled in every.items()
             if changed is None or _touches(compiled.fields, changed)
         }
         if not groups:
@@ -1201,7 +1439,7 @@ class Registry:
         self._committed(change)
 
     def _committed(self, change: _Change) -> None:
-        ids = sorted(event.id for event in change.events)
+        ids = sorted([*(event.id for event in change.events), *change.event_ids])
         if not ids and not change.everything:
             return  # nothing was written
         with self._lock:
@@ -1230,6 +1468,20 @@ class Registry:
         elif "thing" in detail and isinstance(detail["thing"], str):
             change.things.add(detail["thing"])
 
+    def _log(
+        self, connection: Connection, change: _Change, kind: str, subject: str, /, **detail: Any
+    ) -> None:
+        """``_event`` for writes made with Core statements: the row is inserted at once."""
+        values = {"at": self._now(), "kind": kind, "subject": subject, "detail": detail}
+        change.event_ids.append(int(connection.execute(_EVENT_INSERT, values).scalar_one()))
+        change.things.add(subject)  # _log is only used for events about a thing
+
+    @staticmethod
+    def _require_thing(connection: Connection, name: str) -> None:
+        found = connection.execute(_THING_EXISTS, {"b_thing": name}).first()
+        if found is None:
+            raise NotFoundError("thing", name)
+
     def _thing_row(self, session: Session, name: str, *, lock: bool = False) -> ThingRow:
         row = session.get(ThingRow, name, with_for_update=lock)
         if row is None:
@@ -1251,11 +1503,39 @@ class Registry:
         return row
 
 
+@dataclass
+class ShadowBatch:
+    """What a ``RegistryShadowStorage.batch()`` found when it wrote."""
+
+    unknown: set[str] = field(default_factory=set)  # things not registered
+
+
 class RegistryShadowStorage:
     """``ShadowStorage`` (see ``edgeloop.core.shadowbook``) over the registry's shadows table."""
 
     def __init__(self, registry: Registry) -> None:
         self.registry = registry
+        self._held: list[ShadowWrite] | None = None
+
+    @contextmanager
+    def batch(self) -> Iterator[ShadowBatch]:
+        """Hold every ``save`` made inside, and write them all in one transaction when the
+        block ends. The batch's ``unknown`` then names the things not registered (their
+        saves were skipped: answer those requests 404); ShadowError 500 when the write
+        failed, and then nothing of the batch is stored. Not reentrant."""
+        if self._held is not None:
+            raise RuntimeError("a shadow batch is already open")
+        result = ShadowBatch()
+        self._held = []
+        try:
+            yield result
+            held = self._held
+        finally:
+            self._held = None
+        try:
+            result.unknown = self.registry.put_shadows(held)
+        except CloudError as err:
+            raise ShadowError(500, f"the shadow store failed: {err}") from err
 
     def load(self, thing: str) -> dict[str, ShadowEntry]:
         """Every stored shadow of a thing, deleted ones as their remembered version."""
@@ -1273,7 +1553,10 @@ class RegistryShadowStorage:
         return entries
 
     def save(self, thing: str, name: str, entry: ShadowEntry) -> None:
-        """Store one entry; ShadowError 404 for an unregistered thing, 500 on failure."""
+        """Store one entry; ShadowError 404 for an unregistered thing, 500 on failure.
+
+        Inside ``batch()`` the entry is held, and written when the batch ends.
+        """
         if entry.document is not None:
             document: Document | None = entry.document.to_json()
             version = entry.document.version
@@ -1281,6 +1564,9 @@ class RegistryShadowStorage:
         else:
             document, version = None, entry.deleted_version
             at = datetime.fromtimestamp(entry.deleted_at, UTC)
+        if self._held is not None:
+            self._held.append(ShadowWrite(thing, name, document, version, at))
+            return
         try:
             self.registry.put_shadow(thing, name, document, version=version, at=at)
         except NotFoundError as err:

@@ -9,10 +9,11 @@ the MQTT connection that feeds it belongs to the cloud's services.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +27,8 @@ REQUEST_FILTER = "$aws/things/+/shadow/#"
 _REQUEST = re.compile(r"^\$aws/things/([^/]+)/shadow(?:/name/([^/]+))?/(get|update|delete)$")
 
 Publish = Callable[[str, bytes], None]
+Message = tuple[str, bytes]  # a topic and a payload to publish
+MAX_BATCH = 500  # requests served (and stored) together at most
 
 
 @dataclass(frozen=True)
@@ -56,7 +59,14 @@ def _dump(document: Mapping[str, Any]) -> bytes:
 
 
 class ShadowService:
-    """Answers shadow requests from devices, as AWS IoT's shadow service does."""
+    """Answers shadow requests from devices, as AWS IoT's shadow service does.
+
+    ``handle`` serves one request at once. ``submit`` (on the event loop's thread) queues
+    it instead: every request queued before the loop gets to them is served in one batch,
+    whose saves the storage writes together when it offers ``batch()``
+    (``RegistryShadowStorage`` does: one database transaction), and answered once that
+    write is done. A fleet's updates then cost one commit per batch, not one each.
+    """
 
     def __init__(self, book: ShadowBook, publish: Publish) -> None:
         self.book = book
@@ -64,39 +74,107 @@ class ShadowService:
         # Deltas and documents follow every accepted update, whoever made it (a device
         # over MQTT, or the REST API on the same book), as AWS IoT announces them.
         book.listeners.append(self._announce)
-        self._held: list[tuple[str, bytes]] | None = None
+        self._announced: list[Message] | None = None
+        self._queue: list[tuple[ShadowRequest, bytes]] = []
+        self._scheduled = False
 
     def handle(self, topic: str, payload: bytes) -> bool:
         """Serve one message; False when ``topic`` is not a shadow request."""
         request = parse_request_topic(topic)
         if request is None:
             return False
+        _, out = self._serve(request, payload)
+        for answer_topic, answer in out:
+            self.publish(answer_topic, answer)
+        return True
+
+    def submit(self, topic: str, payload: bytes) -> bool:
+        """Queue one message to be served in the next batch; False when ``topic`` is not a
+        shadow request. Call on the event loop's thread."""
+        request = parse_request_topic(topic)
+        if request is None:
+            return False
+        self._queue.append((request, payload))
+        if not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self._serve_queue)
+        return True
+
+    def serve_batch(self, requests: Sequence[tuple[ShadowRequest, bytes]]) -> None:
+        """Serve requests in order, store their changes together, then answer them all."""
+        batch = getattr(self.book.storage, "batch", None)
+        if batch is None:
+            for request, payload in requests:
+                for topic, answer in self._serve(request, payload)[1]:
+                    self.publish(topic, answer)
+            return
+        served: list[tuple[ShadowRequest, str | None, list[Message]]] = []
+        try:
+            with batch() as written:
+                for request, payload in requests:
+                    token, out = self._serve(request, payload)
+                    served.append((request, token, out))
+        except Exception as err:
+            # Nothing of the batch is stored: memory must not keep what storage lacks.
+            if not isinstance(err, ShadowError):
+                log.exception("a batch of %d shadow requests failed", len(requests))
+            failure = err if isinstance(err, ShadowError) else ShadowError(500, "internal error")
+            for thing in {request.thing for request, _ in requests}:
+                self.book.forget(thing)
+            for request, token, _ in served:
+                self._reject(
+                    request, ShadowError(failure.code, failure.message, client_token=token)
+                )
+            return
+        unknown: Collection[str] = getattr(written, "unknown", ())
+        for request, token, out in served:
+            if request.thing in unknown:
+                self.book.forget(request.thing)
+                missing = f"No thing named {request.thing!r} is registered"
+                self._reject(request, ShadowError(404, missing, client_token=token))
+                continue
+            for topic, answer in out:
+                self.publish(topic, answer)
+
+    def _serve_queue(self) -> None:
+        self._scheduled = False
+        batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
+        if self._queue:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self._serve_queue)
+        try:
+            self.serve_batch(batch)
+        except Exception:
+            log.exception("serving %d shadow requests failed", len(batch))
+
+    def _serve(self, request: ShadowRequest, payload: bytes) -> tuple[str | None, list[Message]]:
+        """Serve one request: its client token, and what to publish (the answer first,
+        then the announcements it caused)."""
         token: str | None = None
+        answers: list[Message] = []
+        self._announced = []
         try:
             body = parse_payload(payload)
             raw_token = body.get("clientToken")
             token = raw_token if isinstance(raw_token, str) else None
             if request.operation == "get":
                 answer = self.book.get(request.thing, request.name, client_token=token)
-                self._answer(request, "get/accepted", answer)
+                answers.append(_message(request, "get/accepted", answer))
             elif request.operation == "update":
-                # The requester hears /accepted before the announcements the update causes.
-                self._held = []
-                try:
-                    result = self.book.update(request.thing, request.name, body)
-                    self._answer(request, "update/accepted", result.accepted)
-                finally:
-                    held, self._held = self._held, None
-                for topic, payload in held:
-                    self.publish(topic, payload)
+                result = self.book.update(request.thing, request.name, body)
+                answers.append(_message(request, "update/accepted", result.accepted))
             else:
                 accepted = self.book.delete(request.thing, request.name, body)
-                self._answer(request, "delete/accepted", accepted)
+                answers.append(_message(request, "delete/accepted", accepted))
         except ShadowError as err:
             if err.client_token is None and token is not None:
                 err.client_token = token
-            self._answer(request, f"{request.operation}/rejected", err.to_document(self.book.now()))
-        return True
+            answers.append(
+                _message(request, f"{request.operation}/rejected", err.to_document(self.book.now()))
+            )
+        finally:
+            announced, self._announced = self._announced, None
+        return token, answers + announced
 
     def _announce(self, thing: str, name: str, result: UpdateResult | None) -> None:
         if result is None:
@@ -104,11 +182,17 @@ class ShadowService:
         prefix = ShadowRequest(thing, name, "update").prefix
         out = [] if result.delta is None else [(f"{prefix}/update/delta", _dump(result.delta))]
         out.append((f"{prefix}/update/documents", _dump(result.documents)))
-        if self._held is not None:
-            self._held.extend(out)
+        if self._announced is not None:
+            self._announced.extend(out)  # published after the answer (and the batch's write)
         else:
             for topic, payload in out:
                 self.publish(topic, payload)
 
-    def _answer(self, request: ShadowRequest, suffix: str, document: Mapping[str, Any]) -> None:
-        self.publish(f"{request.prefix}/{suffix}", _dump(document))
+    def _reject(self, request: ShadowRequest, err: ShadowError) -> None:
+        document = err.to_document(self.book.now())
+        topic, payload = _message(request, f"{request.operation}/rejected", document)
+        self.publish(topic, payload)
+
+
+def _message(request: ShadowRequest, suffix: str, document: Mapping[str, Any]) -> Message:
+    return f"{request.prefix}/{suffix}", _dump(document)
