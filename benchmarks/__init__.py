@@ -13,6 +13,7 @@ SUITES: dict[str, str] = {
     "ipc": "benchmarks.ipc",
     "lake": "benchmarks.lake",
     "sim": "benchmarks.sim",
+    "cloud": "benchmarks.cloud",
     "spool": "benchmarks.spool",
 }
 

@@ -11,6 +11,7 @@ import importlib
 import sys
 import time
 import traceback
+from typing import Any
 
 from rich.console import Console
 
@@ -29,11 +30,23 @@ def main(argv: list[str] | None = None) -> int:
         metavar="SUITE",
         help=f"suites to run (default: all of {', '.join(SUITES)})",
     )
+    parser.add_argument(
+        "--hubs",
+        type=int,
+        metavar="N",
+        help="simulated hubs for the cloud suite (default 10,000; fewer for a quick run)",
+    )
     args = parser.parse_args(argv)
     unknown = [name for name in args.suites if name not in SUITES]
     if unknown:
         parser.error(f"unknown suite(s): {', '.join(unknown)}; known: {', '.join(SUITES)}")
     names = args.suites or list(SUITES)
+    if args.hubs is not None and args.hubs < 2:
+        parser.error("--hubs must be at least 2")
+    # Options that only one suite takes, passed to its run() as keywords.
+    options: dict[str, dict[str, Any]] = {"cloud": {}}
+    if args.hubs is not None:
+        options["cloud"]["hubs"] = args.hubs
 
     console = Console(width=None if sys.stdout.isatty() else WIDE)
     machine = describe_machine()
@@ -45,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         result = SuiteResult(name=name)
         done.append(result)  # rows measured before a failure are still reported
         try:
-            importlib.import_module(SUITES[name]).run(result)
+            importlib.import_module(SUITES[name]).run(result, **options.get(name, {}))
         except Exception:
             traceback.print_exc()
             failed.append(name)
