@@ -157,7 +157,7 @@ class LakeSettings:
     max_future: timedelta = timedelta(days=1)  # device clocks further ahead: quarantined
     grace: timedelta = timedelta(minutes=10)  # retired files stay readable this long
     small_file_bytes: int = 32 * 1024 * 1024  # compaction merges files under this size
-    max_file_rows: int = 5_000_000  # compaction writes files of at most this many rows
+    max_file_rows: int = 2_000_000  # compaction writes files of at most this many rows
     upload_ttl: timedelta = timedelta(days=7)  # idempotency answers kept this long
     compression: str = "zstd"
     threads: int | None = None  # DuckDB threads per query (None: one per core)
