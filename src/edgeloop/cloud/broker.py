@@ -238,6 +238,9 @@ def render_config(cfg: BrokerConfig) -> str:
                 else []
             ),
             f"max_packet_size {cfg.max_packet_size}",
+            # Mosquitto's default (1,000 queued per client) would drop QoS 1 telemetry the
+            # hubs already had acknowledged while the cloud's services are away.
+            f"max_queued_messages {MAX_QUEUED_MESSAGES}",
             "set_tcp_nodelay true",
             "",
             "log_dest stderr",
@@ -277,6 +280,7 @@ def render_config(cfg: BrokerConfig) -> str:
     return conf
 
 
+MAX_QUEUED_MESSAGES = 1_000_000  # per client; the services' session holds the backlog
 ROTATE_PATTERN = "edgeloop/certificates/%u/rotate"
 # Where the cloud answers a request whose MQTT 5 Response Topic is under the asker's client
 # id (edgeloop.cloud.provisioning): readable by that client id alone, written by no device.

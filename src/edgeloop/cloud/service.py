@@ -29,6 +29,7 @@ from edgeloop.cloud.broker import AclRules, Broker, BrokerConfig, ServiceLogin
 from edgeloop.cloud.context import CloudContext
 from edgeloop.cloud.jobs_service import REQUEST_FILTERS as JOB_REQUEST_FILTERS
 from edgeloop.cloud.jobs_service import JobsService, is_request_topic
+from edgeloop.cloud.lake_mqtt import LakeMqttIngest
 from edgeloop.cloud.provisioning import (
     REQUEST_FILTERS,
     ROTATE_FILTER,
@@ -48,6 +49,8 @@ CONNECTIVITY_FILTER = "edgeloop/things/+/connectivity"
 PRIVATE_REPLY_TOPIC = re.compile(r"^edgeloop/replies/[^/+#\x00]+/[^+#\x00]+$")
 ENDPOINTS_FILE = "endpoints.json"
 CLAIM_TEMPLATE_POLL = 1.0  # seconds between looks for claim templates new to the broker
+SERVICES_SESSION_EXPIRY = 7 * 24 * 3600  # seconds the broker keeps the services' session
+LAKE_UPKEEP = 3600.0  # seconds between compactions of the lake
 ROLLOUT_TICK = 1.0  # seconds between steps of the fleet's rollouts
 JOBS_SWEEP_SECONDS = 5.0  # between looks for job executions whose timer ran out
 
@@ -148,6 +151,8 @@ class MqttServices:
         # Jobs requests are served in order, one at a time, off the event loop (each is a
         # database transaction); timeouts are swept by a thread of their own.
         self.jobs = JobsService(ctx.jobs, self._publish)
+        # Stored before on_message returns, so the broker's copy goes only once it is kept.
+        self.lake_ingest = LakeMqttIngest(ctx.lake, ctx.data_dir / "lake-inbox")
         self._jobs_worker = ThreadPoolExecutor(1, "jobs")
         self._jobs_stop = threading.Event()
         self._jobs_sweeper = threading.Thread(
@@ -156,8 +161,21 @@ class MqttServices:
 
     def start(self) -> None:
         """Connect (and keep reconnecting) in paho's thread."""
+        from paho.mqtt.packettypes import PacketTypes
+        from paho.mqtt.properties import Properties
+
+        # A persistent session: what hubs published while the services were away (QoS 1
+        # telemetry, requests) waits in the broker's persistence for them.
+        properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        properties.SessionExpiryInterval = SERVICES_SESSION_EXPIRY
         self.client.reconnect_delay_set(min_delay=1, max_delay=5)
-        self.client.connect_async(self._login.host, self._login.port, keepalive=30)
+        self.client.connect_async(
+            self._login.host,
+            self._login.port,
+            keepalive=30,
+            clean_start=False,
+            properties=properties,
+        )
         self.client.loop_start()
         self._jobs_sweeper.start()
 
@@ -196,13 +214,23 @@ class MqttServices:
         # The request topics only: answers to them are published here, not served.
         provisioning = [(topic, 1) for topic in (*REQUEST_FILTERS, ROTATE_FILTER)]
         jobs = [(topic, 1) for topic in JOB_REQUEST_FILTERS]
-        client.subscribe([(REQUEST_FILTER, 1), (CONNECTIVITY_FILTER, 1), *provisioning, *jobs])
+        client.subscribe(
+            [
+                (REQUEST_FILTER, 1),
+                (CONNECTIVITY_FILTER, 1),
+                (LakeMqttIngest.topic_filter, 1),
+                *provisioning,
+                *jobs,
+            ]
+        )
         self.loop.call_soon_threadsafe(self.connected.set)
 
     def _on_message(self, client: Any, userdata: Any, message: Any) -> None:
         topic: str = message.topic
         payload: bytes = message.payload
-        if is_request_topic(topic):
+        if self.lake_ingest.handles(topic):  # first: a stream may be named "connectivity"
+            self.lake_ingest.handle(topic, payload)
+        elif is_request_topic(topic):
             with contextlib.suppress(RuntimeError):  # stopping: the device will ask again
                 self._jobs_worker.submit(self._serve_jobs, topic, payload)
         elif topic.startswith("$aws/things/"):
@@ -328,6 +356,16 @@ async def follow_claim_templates(ctx: CloudContext, broker: Broker) -> None:
             log.exception("could not bring the broker's claim templates up to date")
 
 
+async def maintain_lake(ctx: CloudContext, interval: float = LAKE_UPKEEP) -> None:
+    """Compact the lake's small files (and collect its garbage) every ``interval`` seconds."""
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            await asyncio.to_thread(ctx.lake.compact)
+        except Exception:
+            log.exception("the lake could not be compacted; trying again later")
+
+
 async def drive_rollouts(ctx: CloudContext, interval: float = ROLLOUT_TICK) -> None:
     """Advance the fleet's rollouts every ``interval`` seconds, for as long as the cloud runs."""
     engine = ctx.deployments
@@ -364,6 +402,7 @@ class Cloud:
         self._api_task: asyncio.Task[None] | None = None
         self._templates_task: asyncio.Task[None] | None = None
         self._rollouts_task: asyncio.Task[None] | None = None
+        self._lake_task: asyncio.Task[None] | None = None
 
     async def start(self) -> dict[str, Any]:
         """Bring everything up; returns the endpoints (also written to endpoints.json).
@@ -429,6 +468,7 @@ class Cloud:
             follow_claim_templates(ctx, broker), name="claim-templates"
         )
         self._rollouts_task = asyncio.create_task(drive_rollouts(ctx), name="rollouts")
+        self._lake_task = asyncio.create_task(maintain_lake(ctx), name="lake-upkeep")
 
         token = await asyncio.to_thread(load_or_create_token, s.data_dir)
         app: Any = create_app(ctx)
@@ -477,7 +517,7 @@ class Cloud:
             if self._api_task is not None:
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(self._api_task, 10)
-        for task in (self._templates_task, self._rollouts_task):
+        for task in (self._templates_task, self._rollouts_task, self._lake_task):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
