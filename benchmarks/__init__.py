@@ -15,6 +15,7 @@ SUITES: dict[str, str] = {
     "sim": "benchmarks.sim",
     "cloud": "benchmarks.cloud",
     "spool": "benchmarks.spool",
+    "nab": "benchmarks.nab",
 }
 
 __all__ = ["SUITES"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from edgeloop import __version__
+from edgeloop.cli.bench import app as bench_app
 from edgeloop.cli.cloud import app as cloud_app
 from edgeloop.cli.cloud_deployment import deployment_app
 from edgeloop.cli.cloud_lake import lake_app
@@ -20,6 +21,7 @@ app = typer.Typer(
 )
 app.add_typer(device_app, name="device")
 app.add_typer(cloud_app, name="cloud")
+app.add_typer(bench_app, name="bench")
 app.add_typer(sim_app, name="sim")
 cloud_app.add_typer(deployment_app, name="deployment")
 cloud_app.add_typer(lake_app, name="lake")
