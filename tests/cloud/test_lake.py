@@ -205,6 +205,32 @@ def test_duplicates_across_batches_and_within_one(lake: Lake) -> None:
     assert lake.stats().sequences_held == 173
 
 
+def test_a_reading_spooled_twice_is_kept_once_by_its_kit_counter(lake: Lake) -> None:
+    # A hub's bridge died between spooling kit readings and acknowledging them to its
+    # broker: redelivered, they were spooled again under new sequence numbers.
+    first = lake.ingest(batch(range(0, 30)))
+    redelivered = lake.ingest(
+        batch(range(100, 130), payload=lambda s: reading(s - 100 + 20 if s < 110 else s - 70))
+    )
+    # 100..109 repeat kit_seq 20..29; 110..129 are kit_seq 40..59, new.
+    assert (first.accepted, redelivered.accepted, redelivered.duplicates) == (30, 20, 10)
+    # Within one batch too, the lowest sequence wins.
+    within = lake.ingest(batch([200, 201, 202], payload=lambda s: reading(60)))
+    assert (within.accepted, within.duplicates) == (1, 2)
+    assert count(lake) == 51
+    assert lake.rows(
+        "SELECT count(*) AS n, count(DISTINCT (kit, kit_seq)) AS k FROM telemetry"
+    ) == [{"n": 51, "k": 51}]
+    assert lake.rows("SELECT sequence FROM telemetry WHERE kit_seq = 60") == [{"sequence": 200}]
+    # Kit counters are per stream; readings without one are kept once by sequence alone.
+    assert lake.ingest(batch(range(0, 30), stream="alerts")).accepted == 30
+    no_counter = lake.ingest(batch(range(300, 305), payload=lambda s: reading(7, kit_seq=None)))
+    assert no_counter.accepted == 5
+    # Repeats by counter still fill the sequence ranges: sent again, they are duplicates.
+    again = lake.ingest(batch(range(100, 130), payload=lambda s: reading(s)))
+    assert (again.accepted, again.duplicates) == (0, 30)
+
+
 def test_a_retried_upload_is_answered_as_the_first_time(lake: Lake) -> None:
     first = lake.ingest(batch(range(20)), idempotency_key="k-1")
     retry = lake.ingest(batch(range(20)), idempotency_key="k-1")

@@ -11,20 +11,27 @@ quarantine. Files are immutable: compaction writes new ones and retires the old.
 **The manifest is the lake.** A file is part of the lake when its row in ``lake_files``
 (the cloud database) is live; queries read exactly the live files of one snapshot. Beside
 it, ``lake_streams`` holds per ``(thing, stream)`` the ranges of sequence numbers the
-lake holds, and ``lake_uploads`` the answers given to idempotency keys. Ingestion:
+lake holds, ``lake_kits`` per ``(thing, stream, kit)`` the ranges of the kit's own
+counter (``kit_seq``) it holds, and ``lake_uploads`` the answers given to idempotency
+keys. Ingestion:
 
 1. decode and check the batch (bad framing: an error, nothing stored);
 2. read the stream's ranges and their version; keep the records not yet held (and the
    first of any repeated within the batch);
 3. convert them: readings to telemetry rows, the rest to quarantine rows with the reason;
-4. write the Parquet files;
-5. commit in one transaction: the file rows, the merged ranges (only if their version
-   is still the one read in 2 — else delete the files and start again at 2), and the
-   answer under the idempotency key.
+4. read the ranges of the readings' kits; drop the readings whose ``(kit, kit_seq)`` is
+   held (or repeated within the batch): a hub's bridge that crashed between spooling a
+   kit's reading and acknowledging it to the kit's broker spools the redelivered copy
+   under a new sequence number. Readings without ``kit_seq`` are kept once by sequence;
+5. write the Parquet files;
+6. commit in one transaction: the file rows, the merged sequence ranges (only if their
+   version is still the one read in 2 — else delete the files and start again at 2), the
+   merged kit ranges (guarded by the same version: only that transaction writes them),
+   and the answer under the idempotency key.
 
-A crash before 5 leaves files no manifest row names: invisible to queries, deleted by
+A crash before 6 leaves files no manifest row names: invisible to queries, deleted by
 :meth:`Lake.collect_garbage` once older than the grace period, and the batch, sent
-again, is ingested whole. A crash after 5 leaves a batch the lake holds: sent again, its
+again, is ingested whole. A crash after 6 leaves a batch the lake holds: sent again, its
 records are all duplicates, and with its idempotency key it gets the first answer back.
 
 Compaction, retention and garbage collection are in ``edgeloop.cloud.lake_upkeep``;
@@ -59,6 +66,7 @@ from edgeloop.cloud.db import Database, utcnow
 from edgeloop.cloud.lake_manifest import (
     STAMP,
     LakeFileRow,
+    LakeKitRow,
     LakeStreamRow,
     LakeUploadRow,
     Stale,
@@ -66,7 +74,13 @@ from edgeloop.cloud.lake_manifest import (
     add_files,
 )
 from edgeloop.cloud.lake_query import DEFAULT_TIMEOUT, run_query
-from edgeloop.cloud.lake_rows import convert, merge_ranges, quarantine_table, seen_mask
+from edgeloop.cloud.lake_rows import (
+    convert,
+    kit_repeats,
+    merge_ranges,
+    quarantine_table,
+    seen_mask,
+)
 from edgeloop.cloud.lake_upkeep import CompactionResult, RetentionResult
 from edgeloop.cloud.objectstore import LocalObjectStore, ObjectStore
 from edgeloop.core.errors import ConflictError, ValidationError
@@ -83,6 +97,7 @@ __all__ = [
     "IngestResult",
     "Lake",
     "LakeFileRow",
+    "LakeKitRow",
     "LakeSettings",
     "LakeStats",
     "LakeStreamRow",
@@ -269,7 +284,9 @@ class Lake:
         fresh = len(take)
         now = self.clock()
         written: list[WrittenFile] = []
-        quarantined = 0
+        quarantined = repeats = 0
+        held_kits: dict[str, list[list[int]]] = {}
+        kit_ranges: dict[str, list[list[int]]] = {}
         if fresh:
             all_fresh = fresh == received
             converted = convert(
@@ -283,8 +300,14 @@ class Lake:
                 max_future_us=int(self.settings.max_future.total_seconds() * 1_000_000),
             )
             quarantined = converted.quarantined.num_rows
+            rows = converted.rows
+            held_kits = self._kit_ranges(thing, stream, rows)
+            repeat, kit_ranges = kit_repeats(rows, held_kits)
+            repeats = int(repeat.sum())
+            if repeats:
+                rows = rows.filter(pa.array(~repeat))
             try:
-                written = self._write(thing, converted.rows, "telemetry", now)
+                written = self._write(thing, rows, "telemetry", now)
                 written += self._write(thing, converted.quarantined, "quarantine", now)
             except BaseException:
                 self.discard(written)
@@ -293,8 +316,8 @@ class Lake:
             thing=thing,
             stream=stream,
             received=received,
-            accepted=fresh - quarantined,
-            duplicates=received - fresh,
+            accepted=fresh - quarantined - repeats,
+            duplicates=received - fresh + repeats,
             quarantined=quarantined,
         )
         if not fresh and key is None:
@@ -308,6 +331,7 @@ class Lake:
                 written,
                 now,
                 upload=(key, digest, result) if key is not None else None,
+                kits={kit: (kit in held_kits, held) for kit, held in kit_ranges.items()},
             )
         except (Stale, IntegrityError) as err:
             self.discard(written)
@@ -327,6 +351,7 @@ class Lake:
         now: datetime,
         *,
         upload: tuple[str, str, IngestResult] | None,
+        kits: dict[str, tuple[bool, list[list[int]]]] | None = None,
     ) -> None:
         with self.db.write() as session:
             if ranges is not None:
@@ -355,6 +380,30 @@ class Lake:
                     )
                     if changed.rowcount != 1:  # type: ignore[attr-defined]
                         raise Stale
+                # The stream's version, checked just above, guards its kits' rows too.
+                for kit, (exists, kit_ranges) in (kits or {}).items():
+                    count = sum(last - first + 1 for first, last in kit_ranges)
+                    if exists:
+                        session.execute(
+                            update(LakeKitRow)
+                            .where(
+                                LakeKitRow.thing == thing,
+                                LakeKitRow.stream == stream,
+                                LakeKitRow.kit == kit,
+                            )
+                            .values(ranges=kit_ranges, held=count, updated_at=now)
+                        )
+                    else:
+                        session.add(
+                            LakeKitRow(
+                                thing=thing,
+                                stream=stream,
+                                kit=kit,
+                                ranges=kit_ranges,
+                                held=count,
+                                updated_at=now,
+                            )
+                        )
             add_files(session, thing, written, now)
             if upload is not None:
                 key, digest, result = upload
@@ -367,6 +416,26 @@ class Lake:
                         created_at=now,
                     )
                 )
+
+    def _kit_ranges(self, thing: str, stream: str, rows: pa.Table) -> dict[str, list[list[int]]]:
+        """The kit_seq ranges the lake holds for the kits of ``rows`` that carry kit_seq
+        (read after the stream's version, which the commit checks: never older than it)."""
+        with_seq = rows.filter(pc.is_valid(rows.column("kit_seq")))
+        if not with_seq.num_rows:
+            return {}
+        kits = pc.unique(with_seq.column("kit")).to_pylist()
+        held: dict[str, list[list[int]]] = {}
+        with self.db.read() as session:
+            for start in range(0, len(kits), 500):
+                for kit, kit_ranges in session.execute(
+                    select(LakeKitRow.kit, LakeKitRow.ranges).where(
+                        LakeKitRow.thing == thing,
+                        LakeKitRow.stream == stream,
+                        LakeKitRow.kit.in_(kits[start : start + 500]),
+                    )
+                ):
+                    held[kit] = kit_ranges
+        return held
 
     def quarantine_message(
         self,

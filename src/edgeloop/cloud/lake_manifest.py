@@ -1,7 +1,8 @@
 """The lake's manifest and index, in the cloud database: which Parquet files make up the
-lake, which sequence numbers of each stream it holds, and the answers given to
-idempotency keys. A file is part of the lake while its row is live; committing rows is
-what makes files visible, in one transaction with the ranges they fill.
+lake, which sequence numbers of each stream it holds (and which kit counters of each
+kit in it), and the answers given to idempotency keys. A file is part of the lake while
+its row is live; committing rows is what makes files visible, in one transaction with the
+ranges they fill.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ __all__ = [
     "PART_NAME",
     "STAMP",
     "LakeFileRow",
+    "LakeKitRow",
     "LakeStreamRow",
     "LakeUploadRow",
     "Stale",
@@ -64,6 +66,26 @@ class LakeStreamRow(Base):
     ranges: Mapped[list[list[int]]] = mapped_column(JSON)  # [[first, last], ...] inclusive
     held: Mapped[int] = mapped_column(BigInteger)
     version: Mapped[int] = mapped_column(Integer)
+    updated_at: Mapped[datetime]
+
+
+class LakeKitRow(Base):
+    """The kit counters (``kit_seq``) of one kit's readings in one stream of one thing that
+    the lake holds, as ranges.
+
+    A hub may spool one kit reading twice under two sequence numbers (its broker redelivers
+    a reading whose spooling a crash left unacknowledged); the kit's own counter tells
+    them apart. Written only in the transaction that moves the stream's ``LakeStreamRow``
+    to its next version, so that row's version guards these rows too.
+    """
+
+    __tablename__ = "lake_kits"
+
+    thing: Mapped[str] = mapped_column(String(128), primary_key=True)
+    stream: Mapped[str] = mapped_column(String(64), primary_key=True)
+    kit: Mapped[str] = mapped_column(String(128), primary_key=True)
+    ranges: Mapped[list[list[int]]] = mapped_column(JSON)  # [[first, last], ...] inclusive
+    held: Mapped[int] = mapped_column(BigInteger)
     updated_at: Mapped[datetime]
 
 

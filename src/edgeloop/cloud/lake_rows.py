@@ -15,16 +15,17 @@ type, a value out of range) is checked one by one with those rules instead, so b
 paths give the same verdict and a bad record is quarantined with its reason while its
 neighbours are kept.
 
-Sequence bookkeeping (which sequences of a stream the lake holds) is kept as sorted,
-disjoint, inclusive ranges ``[[first, last], ...]``; :func:`seen_mask` and
-:func:`merge_ranges` work on them.
+Sequence bookkeeping (which sequences of a stream the lake holds, and which kit counters
+of each kit in it) is kept as sorted, disjoint, inclusive ranges ``[[first, last], ...]``;
+:func:`seen_mask` and :func:`merge_ranges` work on them, :func:`kit_repeats` on a
+batch's readings.
 """
 
 from __future__ import annotations
 
 import io
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -50,6 +51,7 @@ __all__ = [
     "TELEMETRY_SCHEMA",
     "Converted",
     "convert",
+    "kit_repeats",
     "merge_ranges",
     "quarantine_table",
     "seen_mask",
@@ -488,3 +490,34 @@ def merge_ranges(
         else:
             merged.append([first, last])
     return merged
+
+
+def kit_repeats(
+    rows: pa.Table, held: Mapping[str, Sequence[Sequence[int]]]
+) -> tuple[np.ndarray[Any, Any], dict[str, list[list[int]]]]:
+    """Which of ``rows`` (telemetry rows, ordered by sequence) repeat a reading by its
+    ``(kit, kit_seq)``: one the lake holds (``held``: kit -> ranges of kit_seq) or an
+    earlier row of the batch; and the ranges of every kit that gains a reading, with it.
+    Rows without ``kit_seq`` are never repeats."""
+    repeat = np.zeros(rows.num_rows, dtype=bool)
+    ranges: dict[str, list[list[int]]] = {}
+    kit_seq = rows.column("kit_seq").combine_chunks()
+    if kit_seq.null_count == len(kit_seq):
+        return repeat, ranges
+    valid = kit_seq.is_valid().to_numpy(zero_copy_only=False)
+    counters = kit_seq.fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+    encoded = pc.dictionary_encode(rows.column("kit").combine_chunks())
+    codes = encoded.indices.to_numpy(zero_copy_only=False)
+    for code, kit in enumerate(encoded.dictionary.to_pylist()):
+        at = np.flatnonzero((codes == code) & valid)
+        if not len(at):
+            continue
+        seqs = counters[at]
+        seen = seen_mask(held.get(kit, ()), seqs)
+        once = np.zeros(len(at), dtype=bool)
+        once[np.unique(seqs, return_index=True)[1]] = True
+        again = seen | ~once
+        repeat[at] = again
+        if not again.all():
+            ranges[kit] = merge_ranges(held.get(kit, ()), seqs[~again])
+    return repeat, ranges
