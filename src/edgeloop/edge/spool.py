@@ -12,8 +12,11 @@ A segment is a header (``ELSPOOL1``, first sequence) then records framed as
 ``[length u32][crc32 u32][sequence u64][timestamp ms u64][payload]`` (``spool_segment``).
 Components ``append``; an exporter ``read_batch``es from the committed cursor and
 ``commit(upto)``s once the cloud acknowledged; fully committed segments are deleted.
-Sequence numbers are per stream, start at 1, only grow and are never reused, across
-restarts too: the cloud deduplicates on (thing, stream, sequence).
+Sequence numbers are per stream, only grow and are never reused, across restarts too:
+the cloud deduplicates on (thing, stream, sequence). A new stream (or one whose
+``state.json`` was lost) starts at ``first_sequence()``: 1 by default; the agent gives
+``time_sequence`` (the current time in microseconds), so that a hub whose spool was wiped
+numbers above everything it sent before.
 
 Durability — the guarantee:
 
@@ -98,6 +101,7 @@ class Spool:
         streams: Iterable[StreamConfig] = (),
         *,
         clock: Callable[[], float] = time.time,
+        first_sequence: Callable[[], int] = lambda: 1,
         fsync: Callable[[int], None] = os.fsync,
         fsync_interval: float = 0.05,
         fsync_records: int = 1000,
@@ -129,6 +133,7 @@ class Spool:
                     folder / name,
                     config,
                     clock=clock,
+                    first_sequence=first_sequence,
                     fsync=fsync,
                     fsync_records=fsync_records,
                     kick=self._wake.set,
@@ -218,6 +223,12 @@ class Spool:
                         log.exception("sweep of stream %s failed", stream.name)
 
 
+def time_sequence() -> int:
+    """The current time in microseconds: a new stream's first sequence that is above any a
+    wiped spool on this hub handed out before (given a clock that does not go back)."""
+    return time.time_ns() // 1000
+
+
 def _lock_folder(folder: Path) -> int:
     """Hold an exclusive lock on the spool, so two processes never append to one stream."""
     fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -244,4 +255,5 @@ __all__ = [
     "StreamConfig",
     "StreamFullError",
     "StreamMetrics",
+    "time_sequence",
 ]

@@ -106,6 +106,7 @@ class Stream:
         config: StreamConfig,
         *,
         clock: Callable[[], float],
+        first_sequence: Callable[[], int] = lambda: 1,
         fsync: Callable[[int], None],
         fsync_records: int,
         kick: Callable[[], None],
@@ -115,6 +116,7 @@ class Stream:
         self.config = config
         self.name = config.name
         self._clock = clock
+        self._first_sequence = first_sequence
         self._fsync = fsync
         self._fsync_records = fsync_records
         self._kick = kick
@@ -426,8 +428,13 @@ class Stream:
         state = self._load_state()
         committed = int(state.get("committed", 0))
         saved_last = int(state.get("lastSequence", 0))
+        floor = max(committed, saved_last)
+        if not state:
+            # A new stream, or one that lost its state (a wiped or damaged spool): the cloud
+            # may hold sequences it used before, so start above them (time-based).
+            floor = max(0, self._first_sequence() - 1)
         # Numbering resumes above anything the cloud may have seen (module docstring).
-        self._next, last_ts = self._files.open(max(committed, saved_last))
+        self._next, last_ts = self._files.open(floor)
         self._last_ts = max(last_ts, int(state.get("lastTimestamp", 0)))
         self._durable = self._next - 1
         self._committed = max(committed, self._files.segments[0].first - 1)
@@ -449,6 +456,8 @@ class Stream:
             for first, last in state.get("counted", [])
             if int(last) > self._committed
         ]
+        if not state:
+            self._write_state()  # so that a crash now does not make the next start anew
 
     def _load_state(self) -> dict[str, Any]:
         path = self.folder / STATE_FILE
