@@ -212,6 +212,7 @@ def streams_table(rows: list[dict[str, Any]]) -> Table:
     for column in ("appended", "exported", "dead-lettered"):
         table.add_column(column, justify="right")
     table.add_column("dropped", min_width=12)
+    table.add_column("export", min_width=12)
     for row in rows:
         age = row["oldestPendingAge"]
         dropped = ", ".join(f"{reason}: {n}" for reason, n in sorted(row["dropped"].items()))
@@ -226,8 +227,22 @@ def streams_table(rows: list[dict[str, Any]]) -> Table:
             str(row["exported"]),
             str(row["deadLettered"]),
             f"[red]{escape(dropped)}[/red]" if dropped else "-",
+            export_cell(row.get("export")),
         )
     return table
+
+
+def export_cell(export: dict[str, Any] | None) -> str:
+    """How a stream goes to the cloud, and what its exporter is doing or why it waits."""
+    if not export:
+        return "-"
+    text = f"{export['policy']} {export['state']}"
+    if export.get("retryIn") is not None:
+        text += f", next try in {_duration(export['retryIn'])}"
+    if export.get("deadLettered"):
+        text += f", {export['deadLettered']} refused"
+    error = export.get("lastError")
+    return f"{text}: [red]{escape(error)}[/red]" if error else text
 
 
 def _bytes(n: int) -> str:

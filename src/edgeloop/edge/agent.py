@@ -35,12 +35,13 @@ from edgeloop.edge.process import ProcessGroups
 from edgeloop.edge.recipes import RecipeStore
 from edgeloop.edge.settings import AgentSettings, Layout, provision_if_needed
 from edgeloop.edge.shadows import LocalShadows
-from edgeloop.edge.spool import Spool
+from edgeloop.edge.spool import Spool, time_sequence
 from edgeloop.edge.store import HubStore
 from edgeloop.edge.supervisor import Supervisor
 
 if TYPE_CHECKING:
     from edgeloop.edge.cloud_link import CloudLink, ShadowSync
+    from edgeloop.edge.exporter import Exporter
     from edgeloop.edge.fleet_jobs import FleetJobs
 
 log = logging.getLogger("edgeloop.agent")
@@ -55,7 +56,9 @@ class Agent:
         for folder in (layout.root, layout.logs, layout.packages, layout.work):
             folder.mkdir(parents=True, exist_ok=True)
         self.store = HubStore(layout.root)
-        self.spool = Spool(layout.root / "spool", settings.streams)  # recovers torn tails
+        # Recovers torn tails; a new stream numbers from the time in µs, above any sequence
+        # the cloud may hold from a spool this hub lost.
+        self.spool = Spool(layout.root / "spool", settings.streams, first_sequence=time_sequence)
         self.recipes = RecipeStore(layout.recipes)
         self.artifacts = ArtifactStore(layout.packages)
         self.groups = ProcessGroups(self.store.state_dir / "process-groups.json")
@@ -78,6 +81,7 @@ class Agent:
         self.cloud: CloudLink | None = None
         self.shadow_sync: ShadowSync | None = None
         self.fleet_jobs: FleetJobs | None = None
+        self.exporter: Exporter | None = None
         if settings.cloud is not None:
             # Imported only here: a hub without a cloud does not load paho.
             from edgeloop.edge.cloud_link import CloudLink, ShadowSync
@@ -91,6 +95,7 @@ class Agent:
                 self.store.state_dir / "cloud-sync.json",
                 interval=settings.cloud.sync_interval,
             )
+            self.exporter = _exporter(self.spool, self.cloud, settings)
             self.fleet_jobs = FleetJobs(
                 self.cloud,
                 settings.thing_name,
@@ -156,6 +161,8 @@ class Agent:
             if self.fleet_jobs is not None:
                 await self.fleet_jobs.start()  # after recover_interrupted: it reads the records
             await self.cloud.start()
+            if self.exporter is not None:
+                await self.exporter.start()
         await self.control.start()
         self.settings.layout.pid_file.write_text(f"{os.getpid()}\n")
         try:
@@ -181,6 +188,8 @@ class Agent:
                 await self.cloud.stop()
             await self.ipc.close()
             await self.control.close()
+            if self.exporter is not None:
+                await self.exporter.stop()  # a batch in flight goes again at the next start
             await asyncio.to_thread(self.spool.close)  # after the components: they append
             self.settings.layout.pid_file.unlink(missing_ok=True)
             log.info("agent stopped")
@@ -272,7 +281,28 @@ class Agent:
         return "stopping"
 
     async def _op_streams(self, _: dict[str, Any]) -> list[dict[str, Any]]:
-        return [metrics.to_json() for metrics in self.spool.metrics()]
+        rows = [metrics.to_json() for metrics in self.spool.metrics()]
+        if self.exporter is not None:
+            for row in rows:
+                row["export"] = self.exporter.status(row["name"])
+        return rows
+
+
+def _exporter(spool: Spool, cloud: CloudLink, settings: AgentSettings) -> Exporter:
+    """The streams' exporters to the cloud: MQTT over the hub's link, HTTPS batches to
+    ``cloud.api`` (without one, batch streams wait and say why)."""
+    from edgeloop.edge.exporter import Exporter, HttpsTransport, MqttTransport
+
+    conn = settings.cloud
+    assert conn is not None
+    https = None
+    if conn.api is not None:
+        https = HttpsTransport(
+            conn.api, settings.thing_name, ca=conn.ca, cert=conn.cert, key=conn.key
+        )
+    return Exporter(
+        spool, settings.export, settings.thing_name, mqtt=MqttTransport(cloud), https=https
+    )
 
 
 def request_from_json(req: dict[str, Any]) -> DeploymentRequest:

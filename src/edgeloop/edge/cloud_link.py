@@ -292,6 +292,7 @@ class CloudLink:
         self._client.on_disconnect = self._on_disconnect
         self._client.on_message = self._on_message
         self._client.on_subscribe = self._on_subscribe
+        self._client.on_publish = self._on_publish
         self._client.on_socket_register_write = lambda *_: None  # see the module docstring
         self._client.on_log = self._on_log
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -307,6 +308,7 @@ class CloudLink:
         self._filters: dict[str, _Filter] = {}
         self._ids = itertools.count(1)
         self._subacks: dict[int, asyncio.Future[list[Any]]] = {}
+        self._pubacks: dict[int, asyncio.Future[Any]] = {}
         self.on_online: list[Callable[[], None]] = []  # called on the event loop
         self.connects = 0
 
@@ -453,7 +455,48 @@ class CloudLink:
         if self._loop is not None:
             self._loop.call_soon_threadsafe(self._suback, mid, reasons)
 
+    def _on_publish(self, client: Any, userdata: Any, mid: int, reason: Any, props: Any) -> None:
+        # Always handed over: a PUBACK may come before publish_acked has its future in
+        # place, which happens on the loop before _puback can run there.
+        if self._loop is not None and not self._loop.is_closed():
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                self._loop.call_soon_threadsafe(self._puback, mid, reason)
+
     # -- publish -------------------------------------------------------------------------
+    async def publish_acked(self, topic: str, payload: bytes, *, timeout: float = 30.0) -> None:
+        """Publish with QoS 1 and return once the broker has acknowledged it (PUBACK), for
+        callers that must not forget a message before the cloud has it; CloudError when
+        the hub is offline, the broker refuses it (an MQTT 5 reason), or no PUBACK came
+        within ``timeout`` seconds (then it may still arrive: send again, idempotently)."""
+        if not self._connected:
+            raise CloudError(f"the hub is offline from the cloud at {self.settings.endpoint}")
+        from paho.mqtt.client import MQTT_ERR_NO_CONN, MQTT_ERR_SUCCESS
+
+        info = self._client.publish(topic, payload, 1, False)
+        if info.rc not in (MQTT_ERR_SUCCESS, MQTT_ERR_NO_CONN):  # NO_CONN: kept, sent later
+            raise CloudError(f"the MQTT client refused the message (error {info.rc})")
+        # paho acknowledges on its network thread; _puback runs on this loop after this
+        # coroutine yields, so the future is in place before any acknowledgement lands.
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._pubacks[info.mid] = future
+        try:
+            async with asyncio.timeout(timeout):
+                reason = await future
+        except TimeoutError:
+            raise CloudError(
+                f"the cloud at {self.settings.endpoint} did not acknowledge the message "
+                f"within {timeout:g} s"
+            ) from None
+        finally:
+            self._pubacks.pop(info.mid, None)
+        if getattr(reason, "is_failure", False):
+            raise CloudError(f"the cloud's broker refused the message: {reason}")
+
+    def _puback(self, mid: int, reason: Any) -> None:
+        future = self._pubacks.get(mid)
+        if future is not None and not future.done():
+            future.set_result(reason)
+
     async def publish(
         self,
         topic: str,

@@ -32,6 +32,11 @@ The hub's durable streams are the ``streams`` key (see ``edgeloop.edge.spool_con
 
     "streams": {"telemetry": {"max_bytes": 67108864, "full_policy": "reject-new",
                               "ttl_seconds": 604800, "priority": 1}}
+
+and how each goes to the cloud the ``export`` key (see ``edgeloop.edge.export_config``)::
+
+    "export": {"alerts": {"policy": "mqtt"},
+               "telemetry": {"policy": "batch", "interval_seconds": 86400}}
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from edgeloop.core.errors import ValidationError
+from edgeloop.edge.export_config import ExportPolicy, check_streams, parse_export
 from edgeloop.edge.lifecycle import RestartPolicy
 from edgeloop.edge.spool_config import StreamConfig, parse_streams
 
@@ -166,6 +172,7 @@ class AgentSettings:
     log_max_bytes: int = 1024 * 1024
     log_backups: int = 3
     cloud: CloudConnection | None = None
+    export: tuple[ExportPolicy, ...] = ()  # each stream's way to the cloud; default batch
     streams: tuple[StreamConfig, ...] = ()  # the spool's streams; dead-letter always exists
 
     @property
@@ -214,6 +221,14 @@ class AgentSettings:
                 changes["restart"] = _restart_policy(value, source)
             elif key == "streams":
                 changes["streams"] = parse_streams(value, source=source)
+            elif key == "export":
+                streams = doc.get("streams")
+                declared = parse_streams(streams, source=source) if streams else self.streams
+                changes["export"] = check_streams(
+                    parse_export(value, source=source),
+                    {stream.name for stream in declared},
+                    source=source,
+                )
             elif key == "cloud":
                 changes["cloud"] = None if value is None else _cloud(value, self.root, source)
             elif key in known:
