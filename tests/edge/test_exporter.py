@@ -663,3 +663,17 @@ def test_random_refusals_never_lose_or_repeat_a_record(spool: Spool) -> None:
     letters = spool.stream(DEAD_LETTER).read_batch(100)
     assert sorted(DeadLetter.decode(r.payload).payload for r in letters) == sorted(poison)
     assert json.dumps(exporter.status())  # plain JSON for the control channel
+
+
+def test_a_stream_numbered_from_the_time_counts_only_what_was_appended(tmp_path: Path) -> None:
+    from edgeloop.edge.spool import time_sequence
+
+    before = time_sequence()
+    with Spool(tmp_path / "s", [StreamConfig(name="t")], first_sequence=time_sequence) as spool:
+        first = spool.stream("t").append(b"one")
+        spool.stream("t").append(b"two")
+        assert first >= before and spool.stream("t").metrics().appended == 2
+    with Spool(tmp_path / "s", [StreamConfig(name="t")], first_sequence=time_sequence) as spool:
+        metrics = spool.stream("t").metrics()
+        assert (metrics.appended, metrics.last_sequence) == (2, first + 1)
+        assert spool.stream("t").append(b"three") == first + 2

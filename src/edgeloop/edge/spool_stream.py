@@ -432,7 +432,7 @@ class Stream:
         if not state:
             # A new stream, or one that lost its state (a wiped or damaged spool): the cloud
             # may hold sequences it used before, so start above them (time-based).
-            floor = max(0, self._first_sequence() - 1)
+            floor = saved_last = max(0, self._first_sequence() - 1)
         # Numbering resumes above anything the cloud may have seen (module docstring).
         self._next, last_ts = self._files.open(floor)
         self._last_ts = max(last_ts, int(state.get("lastTimestamp", 0)))
