@@ -124,6 +124,50 @@ def status(root: RootOption, as_json: JsonOption = False) -> None:
         console.print(f"cloud: {cloud['endpoint']} {state}{since}, {cloud['queued']} queued")
     for line in fleet_lines(result.get("fleet")):
         console.print(line)
+    for line in broker_lines(result.get("broker"), result.get("bridge")):
+        console.print(line, highlight=False)
+
+
+def broker_lines(broker: dict[str, Any] | None, bridge: dict[str, Any] | None) -> list[str]:
+    """What ``device status`` says about the kits' broker and the bridge's mappings."""
+    lines = []
+    if broker:
+        state = broker["state"]
+        style = STATE_STYLE.get(state, "")
+        shown = f"[{style}]{state}[/{style}]" if style else state
+        lines.append(
+            f"broker: {shown}, kits on {broker['host']}:{broker['port']} (mTLS, CA "
+            f"{escape(broker['caFile'])}), pid {broker['pid'] or '-'}, "
+            f"{broker['restarts']} restart(s)"
+        )
+        if broker.get("serverCaFile"):
+            lines.append(f"  kits trust the hub with {escape(broker['serverCaFile'])}")
+        if broker.get("droppedForClients"):
+            lines.append(
+                f"  [red]the broker dropped queued messages {broker['droppedForClients']} "
+                "time(s) (its queue cap); see its log[/red]"
+            )
+        error = broker.get("lastError")
+        if error and state != "RUNNING":
+            lines.append(f"  [red]{escape(str(error['reason']))}[/red]")
+    if bridge:
+        link = "[green]connected[/green]" if bridge["connected"] else "[red]not connected[/red]"
+        lines.append(
+            f"bridge: {link}, {bridge['acked']} acknowledged, {bridge['pendingAcks']} storing, "
+            f"{bridge['stale']} left for redelivery"
+        )
+        if bridge.get("blocked"):
+            lines.append(f"  [red]blocked, retrying: {escape(bridge['blocked'])}[/red]")
+        if bridge.get("lost"):
+            lines.append(f"  [red]{bridge['lost']} IPC/cloud message(s) lost (see the log)[/red]")
+        for m in bridge["mappings"]:
+            lines.append(
+                f"  {escape(m['name'])}: {escape(m['topic'])} {m['source']} -> "
+                f"{escape(m['target'])}: {m['received']} received, {m['forwarded']} forwarded, "
+                f"{m['invalid']} invalid, {m['duplicates']} duplicate(s), "
+                f"{m['deadLettered']} dead-lettered"
+            )
+    return lines
 
 
 def fleet_lines(fleet: dict[str, Any] | None) -> list[str]:

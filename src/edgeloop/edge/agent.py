@@ -40,9 +40,11 @@ from edgeloop.edge.store import HubStore
 from edgeloop.edge.supervisor import Supervisor
 
 if TYPE_CHECKING:
+    from edgeloop.edge.bridge import Bridge
     from edgeloop.edge.cloud_link import CloudLink, ShadowSync
     from edgeloop.edge.exporter import Exporter
     from edgeloop.edge.fleet_jobs import FleetJobs
+    from edgeloop.edge.hub_broker import HubBroker
 
 log = logging.getLogger("edgeloop.agent")
 
@@ -106,6 +108,9 @@ class Agent:
                 self.hub,
                 settings.cloud,
             )
+        self.hub_broker: HubBroker | None = None
+        self.bridge: Bridge | None = None
+        self._make_broker_and_bridge()
         self.ipc = IpcServer(layout.ipc_socket, self._authenticate)
         self.ipc_authorizer = Authorizer(self._configuration_of, settings.thing_name)
         ipc_context = IpcContext(
@@ -166,6 +171,11 @@ class Agent:
         await self.control.start()
         self.settings.layout.pid_file.write_text(f"{os.getpid()}\n")
         try:
+            # Before the components: those that use kits' readings find them flowing.
+            if self.hub_broker is not None:
+                await self.hub_broker.start()
+            if self.bridge is not None:
+                await self.bridge.start()
             await self.supervisor.apply(specs_for(self.hub, self.recipes))
             log.info(
                 "edgeloop agent %s running for %s at %s with %d component(s)",
@@ -181,6 +191,10 @@ class Agent:
         finally:
             log.info("stopping components")
             await self.supervisor.stop_all()
+            if self.bridge is not None:
+                await self.bridge.stop()  # acknowledges what it stored, then disconnects
+            if self.hub_broker is not None:
+                await self.hub_broker.stop()  # saves the kits' queued readings
             if self.cloud is not None and self.shadow_sync is not None:
                 if self.fleet_jobs is not None:
                     await self.fleet_jobs.stop()
@@ -193,6 +207,41 @@ class Agent:
             await asyncio.to_thread(self.spool.close)  # after the components: they append
             self.settings.layout.pid_file.unlink(missing_ok=True)
             log.info("agent stopped")
+
+    def _make_broker_and_bridge(self) -> None:
+        """The kits' broker and the bridge, when agent.json has them (modules loaded only
+        then: a hub without kits does not load paho for them)."""
+        settings = self.settings
+        if settings.broker is not None:
+            from edgeloop.edge.bridge import stream_bytes
+            from edgeloop.edge.hub_broker import HubBroker
+
+            self.hub_broker = HubBroker(
+                settings.broker,
+                settings.layout.root / "broker",
+                stream_bytes=stream_bytes(settings.bridge, settings.streams),
+            )
+        if settings.bridge is not None:
+            from edgeloop.edge.bridge import Bridge
+
+            self.bridge = Bridge(
+                settings.bridge,
+                spool=self.spool,
+                pubsub=self.pubsub,
+                cloud=self.cloud,
+                broker=self.hub_broker,
+                kit_prefix=settings.broker.kit_topic_prefix if settings.broker else None,
+                state_dir=settings.layout.root / "broker",
+            )
+
+    def _builtin_statuses(self) -> list[dict[str, Any]]:
+        """``device components`` rows of the built-in components the agent runs itself."""
+        rows = []
+        if self.hub_broker is not None:
+            rows.append(self.hub_broker.component_status())
+        if self.bridge is not None:
+            rows.append(self.bridge.component_status())
+        return [{**row, "root": False, "configuration": {}} for row in rows]
 
     def _configuration_of(self, name: str) -> dict[str, Any]:
         """A component's live configuration tree (read on every use: deployments replace it)."""
@@ -227,6 +276,8 @@ class Agent:
             },
             "cloud": self.cloud.status() if self.cloud is not None else None,
             "fleet": self.fleet_jobs.status() if self.fleet_jobs is not None else None,
+            "broker": self.hub_broker.status() if self.hub_broker is not None else None,
+            "bridge": self.bridge.status() if self.bridge is not None else None,
             "targets": {
                 name: entry.get("deploymentId") for name, entry in sorted(self.hub.targets.items())
             },
@@ -237,7 +288,7 @@ class Agent:
         for status in statuses:
             status["root"] = status["name"] in self.hub.roots
             status["configuration"] = self.hub.configuration.get(status["name"], {})
-        return statuses
+        return sorted([*statuses, *self._builtin_statuses()], key=lambda s: str(s["name"]))
 
     async def _op_deploy(self, req: dict[str, Any]) -> dict[str, Any]:
         return self.deployments.submit(request_from_json(req))

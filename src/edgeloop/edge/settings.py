@@ -37,6 +37,13 @@ and how each goes to the cloud the ``export`` key (see ``edgeloop.edge.export_co
 
     "export": {"alerts": {"policy": "mqtt"},
                "telemetry": {"policy": "batch", "interval_seconds": 86400}}
+
+The kits' broker is the ``broker`` key (``edgeloop.edge.hub_broker``; ``ca`` defaults to
+``cloud.ca``) and its topic mappings the ``bridge`` key (``edgeloop.edge.bridge``)::
+
+    "broker": {"port": 8883, "kit_topic_prefix": "kits"},
+    "bridge": {"mqttTopicMapping": {"KitsToStream": {"topic": "kits/+/telemetry",
+               "source": "LocalMqtt", "target": "Stream:telemetry"}}}
 """
 
 from __future__ import annotations
@@ -46,12 +53,17 @@ import os
 import socket
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from edgeloop import __version__
 from edgeloop.core.errors import ValidationError
 from edgeloop.edge.export_config import ExportPolicy, check_streams, parse_export
 from edgeloop.edge.lifecycle import RestartPolicy
 from edgeloop.edge.spool_config import StreamConfig, parse_streams
+
+if TYPE_CHECKING:
+    from edgeloop.edge.bridge import BridgeConfig
+    from edgeloop.edge.hub_broker import BrokerSettings
 
 NUCLEUS_VERSION = "2.14.0"
 """The Greengrass nucleus version edgeloop reports itself as, for recipes that ask."""
@@ -63,6 +75,9 @@ BUILTIN_COMPONENTS: dict[str, str] = {
     "aws.greengrass.TokenExchangeService": NUCLEUS_VERSION,
     "aws.greengrass.Cli": NUCLEUS_VERSION,
     "aws.greengrass.ipc.pubsub": NUCLEUS_VERSION,
+    # Run by the agent itself when agent.json has a broker / bridge section.
+    "edgeloop.HubBroker": __version__,
+    "edgeloop.MqttBridge": __version__,
 }
 
 
@@ -174,6 +189,8 @@ class AgentSettings:
     cloud: CloudConnection | None = None
     export: tuple[ExportPolicy, ...] = ()  # each stream's way to the cloud; default batch
     streams: tuple[StreamConfig, ...] = ()  # the spool's streams; dead-letter always exists
+    broker: BrokerSettings | None = None  # the kits' broker (edgeloop.edge.hub_broker)
+    bridge: BridgeConfig | None = None  # its topic mappings (edgeloop.edge.bridge)
 
     @property
     def layout(self) -> Layout:
@@ -231,16 +248,72 @@ class AgentSettings:
                 )
             elif key == "cloud":
                 changes["cloud"] = None if value is None else _cloud(value, self.root, source)
+            elif key in ("broker", "bridge"):
+                changes[key] = (
+                    None if value is None else _broker_or_bridge(key, value, self.root, source)
+                )
             elif key in known:
                 changes[key] = _typed(key, value, type(getattr(self, key)), source)
             else:
                 raise ValidationError(
                     f"unknown setting; known: {', '.join(sorted(known))}", source=source, field=key
                 )
-        return replace(self, **changes)
+        return _check_broker_and_bridge(replace(self, **changes), source)
 
 
 _MIN_INT = {"log_max_bytes": 4096, "restart.broken_after": 1}
+
+
+def _broker_or_bridge(key: str, value: Any, root: Path, source: str) -> Any:
+    """The ``broker`` or ``bridge`` section (their modules are loaded only when present)."""
+    if key == "broker":
+        from edgeloop.edge.hub_broker import parse_broker
+
+        return parse_broker(value, root, source=source)
+    from edgeloop.edge.bridge import parse_bridge
+
+    return parse_bridge(value, source=source)
+
+
+def _check_broker_and_bridge(settings: AgentSettings, source: str) -> AgentSettings:
+    """What the broker and the bridge need from the rest: a CA for kits' certificates (the
+    cloud's by default), the broker for LocalMqtt, the cloud for IotCore, declared streams."""
+    broker, bridge = settings.broker, settings.bridge
+    if broker is not None and broker.ca is None:
+        if settings.cloud is None:
+            raise ValidationError(
+                "is required on a hub without a cloud section: the CA that signs the kits' "
+                "certificates",
+                source=source,
+                field="broker.ca",
+            )
+        settings = replace(settings, broker=replace(broker, ca=settings.cloud.ca))
+    if bridge is None:
+        return settings
+    from edgeloop.edge.bridge import Endpoint
+
+    declared = {stream.name for stream in settings.streams}
+    for mapping in bridge.mappings:
+        where = f"bridge.mqttTopicMapping.{mapping.name}"
+        ends = (mapping.source, mapping.target)
+        if Endpoint.LOCAL_MQTT in ends and broker is None:
+            raise ValidationError(
+                "LocalMqtt needs the hub broker: add a broker section", source=source, field=where
+            )
+        if Endpoint.IOT_CORE in ends and settings.cloud is None:
+            raise ValidationError(
+                "IotCore needs the cloud connection: add a cloud section",
+                source=source,
+                field=where,
+            )
+        if mapping.stream is not None and mapping.stream not in declared:
+            raise ValidationError(
+                f"stream {mapping.stream!r} is not declared under streams "
+                f"(declared: {', '.join(sorted(declared)) or 'none'})",
+                source=source,
+                field=f"{where}.target",
+            )
+    return settings
 
 
 def _typed(key: str, value: Any, kind: type, source: str) -> Any:
