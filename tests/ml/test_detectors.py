@@ -11,12 +11,13 @@ from edgeloop.ml.detectors import (
     ApplianceDetector,
     Detector,
     DetectorConfig,
+    LevelMemory,
     Likelihood,
     PatternMemory,
     SensorDetector,
 )
 
-SMALL = DetectorConfig(memory=500, warmup=60, baseline=200, refractory=30)
+SMALL = DetectorConfig(memory=2000, warmup=60, baseline=200, refractory=30)
 
 
 def feed(detector: SensorDetector, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -180,3 +181,34 @@ def test_bad_input_is_refused() -> None:
         DetectorConfig(window=0)
     with pytest.raises(ValueError):
         DetectorConfig(z_alarm=0)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 3), st.integers(1, 30), st.integers(1, 5), st.integers(0, 2**32 - 1))
+def test_level_memory_measures_distance_beyond_the_remembered_range(
+    channels: int, capacity: int, lag: int, seed: int
+) -> None:
+    rng = np.random.default_rng(seed)
+    readings = np.round(rng.normal(size=(80, channels)), 1)
+    memory = LevelMemory(channels, capacity, lag=lag)
+    for index, reading in enumerate(readings):
+        known = readings[max(0, index - lag + 1 - capacity) : max(0, index - lag + 1)]
+        expected = 0.0
+        if known.size:
+            for channel in range(channels):
+                column = np.sort(known[:, channel])
+                beyond = max(reading[channel] - column[-1], column[0] - reading[channel])
+                last = column.size - 1
+                spread = column[round(0.99 * last)] - column[round(0.01 * last)]
+                spread = spread if spread > 0 else column[-1] - column[0]
+                if beyond > 0:
+                    expected = max(expected, beyond / spread if spread > 0 else 1e6)
+        assert memory.excess(reading) == pytest.approx(expected)
+        memory.remember(reading)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_gaussian_noise_raises_no_alarm_with_the_default_parameters(seed: int) -> None:
+    values = np.random.default_rng(seed).normal(10.0, 1.0, 6000)
+    _, decisions = feed(SensorDetector(), values)
+    assert not decisions.any()

@@ -2,14 +2,19 @@
 
 A detector judges each reading before it sees the next. It works in three layers:
 
-1. **Pattern novelty** — the last ``window`` readings form a pattern; its novelty is the
-   distance (largest per-reading difference) to the nearest of the last ``memory`` patterns
-   seen before it. A level never visited, a spike of a new shape, a rhythm that stops: each
-   makes a pattern unlike anything remembered. A pattern seen once before is no longer novel.
-2. **Likelihood** — novelty is judged against the detector's own recent novelty (as NAB's
-   anomaly likelihood does): the mean of the last ``smoothing`` novelties as a z-score over
-   the ``baseline`` novelties before them. This makes one parameter set fit streams of any
-   scale and noise. The score is ``z / (z + z_alarm)``: 0.5 exactly where the detector decides.
+1. **Novelty**, twice over. *Pattern novelty*: the last ``window`` readings form a pattern;
+   its novelty is the distance (largest per-reading difference) to the nearest of the last
+   ``memory`` patterns seen before it. A spike of a new shape, a rhythm that stops, a level
+   never visited: each makes a pattern unlike anything remembered, and a pattern seen once
+   before is no longer novel. *Level*: how far the reading falls outside the range of the
+   last ``memory`` readings, as a share of their spread — a new extreme stands out even in a
+   stream so noisy that no pattern ever repeats.
+2. **Judgement** — pattern novelty is judged against its own recent history (as NAB's
+   anomaly likelihood judges HTM's raw scores): the mean of the last ``smoothing`` novelties
+   as a z-score over the ``baseline`` novelties before them, so that one parameter set fits
+   streams of any scale and noise. A level beyond the range by ``level_alarm`` of the spread
+   counts as much as a z-score of ``z_alarm``. The score is ``z / (z + z_alarm)`` for the
+   larger of the two: 0.5 exactly where the detector decides.
 3. **Refractory period** — after a decision the detector stays quiet for ``refractory``
    readings (score 0): one incident, one alarm.
 
@@ -21,6 +26,7 @@ alone is not.
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections import deque
 from collections.abc import Sequence
@@ -57,20 +63,22 @@ class DetectorConfig:
 
     window: int = 8  # readings in a pattern
     memory: int = 4000  # patterns remembered for comparison
-    warmup: int = 150  # readings before the first score
+    warmup: int = 300  # readings before the likelihood learns: a young memory finds all new
     baseline: int = 1000  # novelties the likelihood's baseline spans
     smoothing: int = 5  # latest novelties averaged before they are judged
-    z_alarm: float = 4.3  # likelihood z-score at which the detector decides
+    z_alarm: float = 5.4  # likelihood z-score at which the detector decides
+    level_alarm: float = 0.15  # share of the remembered spread beyond the range that decides
     refractory: int = 100  # quiet readings after a decision
 
     def __post_init__(self) -> None:
         if self.window < 1 or self.memory < 1 or self.smoothing < 1 or self.baseline < 2:
             raise ValueError("window, memory, smoothing must be >= 1 and baseline >= 2")
-        if self.warmup < 0 or self.refractory < 0 or self.z_alarm <= 0:
-            raise ValueError("warmup and refractory must be >= 0 and z_alarm > 0")
+        if self.warmup < 0 or self.refractory < 0 or self.z_alarm <= 0 or self.level_alarm <= 0:
+            raise ValueError("warmup and refractory must be >= 0, z_alarm and level_alarm > 0")
 
 
 DEFAULT_CONFIG = DetectorConfig()
+_MAX_Z = 1e6  # stands for "infinitely far": keeps scores finite
 
 
 class PatternMemory:
@@ -181,6 +189,59 @@ class PatternMemory:
             self._count = min(self._count + 1, self.capacity)
 
 
+class LevelMemory:
+    """The last ``memory`` readings of each channel, kept sorted, and how far a reading falls
+    outside their range.
+
+    A reading joins only ``lag`` readings later, so a new level stays outside the range for
+    that long instead of widening it at once.
+    """
+
+    def __init__(self, channels: int, memory: int, *, lag: int) -> None:
+        self.capacity = memory
+        self._lag = lag
+        self._sorted: list[list[float]] = [[] for _ in range(channels)]
+        self._arrived: deque[list[float]] = deque()
+        self._pending: deque[list[float]] = deque()
+
+    def reset(self) -> None:
+        """Forget every reading."""
+        for values in self._sorted:
+            values.clear()
+        self._arrived.clear()
+        self._pending.clear()
+
+    def excess(self, reading: NDArray[np.float64]) -> float:
+        """The largest distance of a channel beyond its range, over its spread (1st to 99th
+        percentile; 0 within the range or with nothing remembered)."""
+        worst = 0.0
+        for value, values in zip(reading.tolist(), self._sorted, strict=True):
+            if not values:
+                continue
+            beyond = max(value - values[-1], values[0] - value)
+            if beyond <= 0.0:
+                continue
+            last = len(values) - 1
+            spread = values[round(0.99 * last)] - values[round(0.01 * last)]
+            if spread <= 0.0:
+                spread = values[-1] - values[0]
+            worst = max(worst, beyond / spread if spread > 0.0 else _MAX_Z)
+        return worst
+
+    def remember(self, reading: NDArray[np.float64]) -> None:
+        """Queue the reading; admit the one ``lag`` readings older."""
+        self._pending.append(reading.tolist())
+        if len(self._pending) < self._lag:
+            return
+        admitted = self._pending.popleft()
+        if len(self._arrived) == self.capacity:
+            for value, values in zip(self._arrived.popleft(), self._sorted, strict=True):
+                del values[bisect.bisect_left(values, value)]
+        self._arrived.append(admitted)
+        for value, values in zip(admitted, self._sorted, strict=True):
+            bisect.insort(values, value)
+
+
 class Likelihood:
     """How unusual the latest novelties are against the detector's own recent novelty.
 
@@ -242,6 +303,7 @@ class ApplianceDetector:
         self.channels = channels
         self.config = config
         self._memory = PatternMemory(channels, config.window, config.memory)
+        self._levels = LevelMemory(channels, config.memory, lag=config.window)
         self._likelihood = Likelihood(config.baseline, config.smoothing)
         self._window = np.zeros((channels, config.window), dtype=np.float64)
         self._warm: list[NDArray[np.float64]] = []
@@ -250,7 +312,8 @@ class ApplianceDetector:
         self._quiet = 0
         self._decision = False
         self.novelty = 0.0  # the last pattern's distance to its nearest remembered one
-        self.z = 0.0  # the last likelihood z-score
+        self.level_excess = 0.0  # how far the last reading fell outside the remembered range
+        self.z = 0.0  # the larger likelihood z-score of the last reading
 
     @property
     def decision(self) -> bool:
@@ -260,6 +323,7 @@ class ApplianceDetector:
     def reset(self) -> None:
         """Forget everything, as if newly made."""
         self._memory.reset()
+        self._levels.reset()
         self._likelihood.reset()
         self._window.fill(0.0)
         self._warm.clear()
@@ -267,7 +331,7 @@ class ApplianceDetector:
         self._seen = 0
         self._quiet = 0
         self._decision = False
-        self.novelty = self.z = 0.0
+        self.novelty = self.level_excess = self.z = 0.0
 
     def update_many(
         self, values: Sequence[float] | NDArray[np.float64], timestamp: Timestamp = None
@@ -289,13 +353,18 @@ class ApplianceDetector:
             if index == config.warmup - 1:
                 self._inv_scale = _inverse_spread(np.array(self._warm))
                 self._warm.clear()
+        self.level_excess = self._levels.excess(reading)
+        self._levels.remember(reading)
         if index < config.window - 1:
             return self._emit(0.0)
         self.novelty = self._memory.nearest(self._window, self._inv_scale)
         self._memory.remember(self._window, index)
         if index < config.warmup:
             return self._emit(0.0)
-        self.z = self._likelihood.update(self.novelty)
+        self.z = max(
+            self._likelihood.update(self.novelty),
+            min(self.level_excess / config.level_alarm, _MAX_Z) * config.z_alarm,
+        )
         score = self.z / (self.z + config.z_alarm) if self.z > 0 else 0.0
         return self._emit(score)
 
