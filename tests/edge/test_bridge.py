@@ -13,8 +13,10 @@ from typing import Any
 import pytest
 
 from edgeloop.core.errors import ValidationError
-from edgeloop.edge.bridge import Endpoint, SeqWindow, parse_bridge
+from edgeloop.edge.bridge import SeqWindow
+from edgeloop.edge.bridge_config import Endpoint, parse_bridge
 from edgeloop.edge.settings import AgentSettings
+from edgeloop.edge.spool import Spool
 from tests.edge.conftest import Hub
 from tests.edge.test_hub_broker import (
     KITS,
@@ -29,6 +31,7 @@ from tests.edge.test_hub_broker import (
     finish_kits,
     kit_connections,  # noqa: F401 - a fixture
     pki,  # noqa: F401 - a fixture
+    read_all,
     reading,
     run_kits,
     stored_readings,
@@ -254,3 +257,40 @@ def test_kill_9_of_the_agent_loses_no_acknowledged_reading(
     assert assert_complete(found, acked, ordered=False) == 0, f"{duplicates} recognised"
     log = (hub.root / "broker" / "mosquitto.log").read_text()
     assert "Outgoing messages are being dropped" not in log
+
+
+@pytest.mark.slow
+def test_a_full_stream_holds_readings_back_in_the_broker_until_there_is_room(
+    hub_factory: Callable[..., Hub],
+    pki: Pki,  # noqa: F811
+    kit_connections: list[KitConnection],  # noqa: F811
+) -> None:
+    small = {"telemetry": {"max_bytes": 16384, "full_policy": "reject-new"}}
+    hub = broker_hub(hub_factory, pki, streams=small)
+    hub.start()
+    wait_status(hub, lambda s: s["bridge"]["connected"])
+    kit = KitConnection(broker_status(hub)["port"], trust_file(hub), *pki.kit("furnace-1"))
+    kit_connections.append(kit)
+    assert kit.connect()
+    for seq in range(200):  # more than the stream holds
+        assert kit.publish("kits/furnace-1/telemetry", reading("furnace-1", seq)) == "Success"
+    status = wait_status(hub, lambda s: s["bridge"]["blocked"] is not None)["bridge"]
+    assert "is full" in status["blocked"]
+    stored = status["mappings"][0]["forwarded"]
+    assert 50 < stored < 200
+    hub.stop()  # what the bridge could not store stays with the broker, unacknowledged
+
+    # The exporter's part: the stream's records reach the cloud and are committed.
+    configs = AgentSettings.load(hub.root).streams
+    with Spool(hub.root / "spool", configs) as spool:
+        first = [json.loads(p)["kit_seq"] for p in read_all(spool, "telemetry")]
+        stream = spool.stream("telemetry")
+        stream.commit(stream.metrics().last_sequence)
+    assert first == list(range(stored))
+
+    hub.start()
+    wait_status(hub, lambda s: s["bridge"]["mappings"][0]["forwarded"] >= 200 - stored)
+    hub.stop()
+    rest = stored_readings(hub)["furnace-1"]
+    assert sorted(set(first) | set(rest)) == list(range(200))
+    assert set(rest) - set(first) == set(range(stored, 200))

@@ -27,10 +27,10 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from paho.mqtt.enums import CallbackAPIVersion
 
 from edgeloop.core.errors import ValidationError
-from edgeloop.edge.hub_broker import (
+from edgeloop.edge.hub_broker import ensure_server_identity
+from edgeloop.edge.hub_broker_config import (
     BrokerSettings,
     RenderedPaths,
-    ensure_server_identity,
     parse_broker,
     queue_limits,
     render_config,

@@ -213,7 +213,7 @@ class Agent:
         then: a hub without kits does not load paho for them)."""
         settings = self.settings
         if settings.broker is not None:
-            from edgeloop.edge.bridge import stream_bytes
+            from edgeloop.edge.bridge_config import stream_bytes
             from edgeloop.edge.hub_broker import HubBroker
 
             self.hub_broker = HubBroker(

@@ -1,26 +1,13 @@
 """The hub's MQTT bridge: moves messages between the kits' broker, local IPC, the cloud and
-the durable spool, configured as Greengrass's ``aws.greengrass.clientdevices.mqtt.Bridge``.
+the durable spool, as Greengrass's ``aws.greengrass.clientdevices.mqtt.Bridge`` does.
 
-``agent.json`` takes the component's configuration document as its ``bridge`` section::
+Its mappings are ``agent.json``'s ``bridge`` section (``edgeloop.edge.bridge_config``)::
 
-    "bridge": {
-      "mqttTopicMapping": {
-        "KitsToStream": {"topic": "kits/+/telemetry", "source": "LocalMqtt",
-                         "target": "Stream:telemetry"},
-        "KitsToComponents": {"topic": "kits/+/telemetry", "source": "LocalMqtt",
-                             "target": "Pubsub", "targetTopicPrefix": "hub/"},
-        "AlertsToKits": {"topic": "alerts/#", "source": "Pubsub", "target": "LocalMqtt"},
-        "StatusToCloud": {"topic": "kits/+/status", "source": "LocalMqtt",
-                          "target": "IotCore", "targetTopicPrefix": "edgeloop/things/hub-1/"}
-      }
-    }
-
-``source`` and ``target`` are Greengrass's ``LocalMqtt`` (the hub broker,
-``edgeloop.edge.hub_broker``), ``Pubsub`` (local IPC publish/subscribe) and ``IotCore`` (the
-hub's cloud connection), plus edgeloop's own target ``Stream:<name>``: the spool stream
-``<name>`` (declared under ``streams``), from which the exporters ship to the cloud's lake:
-durable store-and-forward. A target topic is ``targetTopicPrefix`` + the source topic (no
-prefix for streams). A source and its target differ. Unknown keys are errors, named.
+    "bridge": {"mqttTopicMapping": {
+      "KitsToStream": {"topic": "kits/+/telemetry", "source": "LocalMqtt",
+                       "target": "Stream:telemetry"},
+      "KitsToComponents": {"topic": "kits/+/telemetry", "source": "LocalMqtt",
+                           "target": "Pubsub", "targetTopicPrefix": "hub/"}}}
 
 What the bridge guarantees, from a kit's PUBACK on (LocalMqtt sources):
 
@@ -72,14 +59,14 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from edgeloop import __version__
 from edgeloop.core.errors import EdgeloopError, ValidationError
 from edgeloop.core.telemetry import parse_reading
-from edgeloop.core.topics import topic_matches, validate_topic_filter
+from edgeloop.core.topics import topic_matches
+from edgeloop.edge.bridge_config import BridgeConfig, Endpoint, Mapping
 from edgeloop.edge.ipc.pubsub import Published, Subscription
 from edgeloop.edge.spool_config import DEAD_LETTER
 from edgeloop.edge.spool_segment import DeadLetter
@@ -91,20 +78,11 @@ if TYPE_CHECKING:
     from edgeloop.edge.ipc.pubsub import PubSub
     from edgeloop.edge.spool import Spool
 
-__all__ = [
-    "COMPONENT",
-    "Bridge",
-    "BridgeConfig",
-    "Endpoint",
-    "Mapping",
-    "SeqWindow",
-    "parse_bridge",
-]
+__all__ = ["COMPONENT", "Bridge", "SeqWindow"]
 
 log = logging.getLogger("edgeloop.bridge")
 
 COMPONENT = "edgeloop.MqttBridge"
-STREAM_PREFIX = "Stream:"
 RECEIVE_MAXIMUM = 1000  # messages the broker may have unacknowledged with the bridge
 WINDOW = 4096  # kit_seq remembered per kit, to recognise redeliveries
 REBUILD_RECORDS = 20_000  # records read back from each stream at start for the window
@@ -112,154 +90,6 @@ PUBSUB_QUEUE = 10_000  # messages an IPC source may queue while the bridge is bl
 RETRY_FIRST, RETRY_CAP = 0.2, 5.0  # seconds between attempts to store a blocked message
 STOP_DRAIN = 5.0  # seconds a stop waits for pending acknowledgements
 SESSION_NEVER_EXPIRES = 0xFFFFFFFF
-
-
-class Endpoint(StrEnum):
-    """Where a mapping takes messages from, or puts them."""
-
-    LOCAL_MQTT = "LocalMqtt"
-    PUBSUB = "Pubsub"
-    IOT_CORE = "IotCore"
-    STREAM = "Stream"  # edgeloop's: a spool stream (targets only)
-
-
-@dataclass(frozen=True, kw_only=True)
-class Mapping:
-    """One entry of ``mqttTopicMapping``."""
-
-    name: str
-    topic: str
-    source: Endpoint
-    target: Endpoint
-    stream: str | None = None  # the stream of a Stream target
-    target_topic_prefix: str = ""
-
-    @property
-    def target_label(self) -> str:
-        """The target as configured (``Stream:<name>`` for streams)."""
-        return f"{STREAM_PREFIX}{self.stream}" if self.target is Endpoint.STREAM else self.target
-
-    def to_json(self) -> dict[str, Any]:
-        """The mapping's configuration form."""
-        body = {"topic": self.topic, "source": self.source.value, "target": self.target_label}
-        if self.target_topic_prefix:
-            body["targetTopicPrefix"] = self.target_topic_prefix
-        return body
-
-
-@dataclass(frozen=True)
-class BridgeConfig:
-    """The bridge's configuration: its topic mappings, in the order given."""
-
-    mappings: tuple[Mapping, ...] = ()
-
-    def streams(self) -> list[str]:
-        """The spool streams the bridge appends to."""
-        return sorted({m.stream for m in self.mappings if m.stream is not None})
-
-    def uses(self, endpoint: Endpoint) -> bool:
-        """Whether any mapping has ``endpoint`` as its source or target."""
-        return any(endpoint in (m.source, m.target) for m in self.mappings)
-
-
-_MAPPING_KEYS = ("topic", "source", "target", "targetTopicPrefix")
-_SOURCES = (Endpoint.LOCAL_MQTT, Endpoint.PUBSUB, Endpoint.IOT_CORE)
-
-
-def parse_bridge(value: Any, *, source: str) -> BridgeConfig:
-    """The ``bridge`` section: ``{"mqttTopicMapping": {NAME: {...}}}``, validated."""
-    shape = '{"mqttTopicMapping": {"NAME": {"topic": ..., "source": ..., "target": ...}}}'
-    if not isinstance(value, dict):
-        raise ValidationError(f"must be an object: {shape}", source=source, field="bridge")
-    for key in value:
-        if key != "mqttTopicMapping":
-            raise ValidationError(
-                f"unknown key; the bridge takes {shape}", source=source, field=f"bridge.{key}"
-            )
-    table = value.get("mqttTopicMapping", {})
-    if not isinstance(table, dict):
-        raise ValidationError(
-            "must map names to mappings", source=source, field="bridge.mqttTopicMapping"
-        )
-    mappings = [_mapping(name, body, source) for name, body in table.items()]
-    return BridgeConfig(tuple(mappings))
-
-
-def _mapping(name: str, body: Any, source: str) -> Mapping:
-    where = f"bridge.mqttTopicMapping.{name}"
-    if not isinstance(body, dict):
-        raise ValidationError(
-            'must be an object: {"topic": FILTER, "source": ..., "target": ...}',
-            source=source,
-            field=where,
-        )
-    for key in body:
-        if key not in _MAPPING_KEYS:
-            raise ValidationError(
-                f"unknown key; known: {', '.join(_MAPPING_KEYS)}",
-                source=source,
-                field=f"{where}.{key}",
-            )
-    topic = body.get("topic")
-    if not isinstance(topic, str) or not topic:
-        raise ValidationError("is required (a topic filter)", source=source, field=f"{where}.topic")
-    try:
-        validate_topic_filter(topic)
-    except ValidationError as err:
-        raise ValidationError(err.reason, source=source, field=f"{where}.topic") from None
-    names = ", ".join(e.value for e in _SOURCES)
-    try:
-        src = Endpoint(str(body.get("source")))
-        if src not in _SOURCES:
-            raise ValueError
-    except ValueError:
-        raise ValidationError(
-            f"{body.get('source')!r} is not one of {names}", source=source, field=f"{where}.source"
-        ) from None
-    raw_target = body.get("target")
-    stream = None
-    if isinstance(raw_target, str) and raw_target.startswith(STREAM_PREFIX):
-        target, stream = Endpoint.STREAM, raw_target.removeprefix(STREAM_PREFIX)
-        if not stream or stream == DEAD_LETTER:
-            raise ValidationError(
-                f"{raw_target!r} does not name a stream to store into (not {DEAD_LETTER})",
-                source=source,
-                field=f"{where}.target",
-            )
-    else:
-        try:
-            target = Endpoint(str(raw_target))
-            if target not in _SOURCES:
-                raise ValueError
-        except ValueError:
-            raise ValidationError(
-                f"{raw_target!r} is not one of {names} or {STREAM_PREFIX}<stream>",
-                source=source,
-                field=f"{where}.target",
-            ) from None
-    if target is src:
-        raise ValidationError(
-            f"the target is the source ({src.value}): the message would come back",
-            source=source,
-            field=f"{where}.target",
-        )
-    prefix = body.get("targetTopicPrefix", "")
-    if not isinstance(prefix, str) or "+" in prefix or "#" in prefix:
-        raise ValidationError(
-            "must be a topic prefix without wildcards",
-            source=source,
-            field=f"{where}.targetTopicPrefix",
-        )
-    if prefix and target is Endpoint.STREAM:
-        raise ValidationError(
-            "a stream has no topics: leave targetTopicPrefix out",
-            source=source,
-            field=f"{where}.targetTopicPrefix",
-        )
-    return Mapping(
-        name=name, topic=topic, source=src, target=target, stream=stream, target_topic_prefix=prefix
-    )
-
 
 # --- recognising redeliveries (pure) --------------------------------------------------------
 
@@ -666,16 +496,14 @@ class Bridge:
         self.connected = connected
 
     def _on_local_message(self, item: _Message, ids: list[int]) -> None:
-        if ids:
-            routes: list[Mapping] = []
-            for index in ids:
-                if 0 < index <= len(self._filters):
-                    routes += self._by_filter[self._filters[index - 1]]
-        else:
-            routes = [
-                m for f, ms in self._by_filter.items() if topic_matches(f, item.topic) for m in ms
-            ]
-        item.routes = routes
+        # Mosquitto sends a message once per matching subscription, each copy with its
+        # subscription identifier (filter i has id i): a copy goes to its filter's mappings.
+        filters = self._filters
+        chosen = {filters[i - 1] for i in ids if 0 < i <= len(filters)}
+        chosen = {f for f in chosen if topic_matches(f, item.topic)}
+        if not chosen:  # no identifier, or one from an older configuration: by topic
+            chosen = {f for f in filters if topic_matches(f, item.topic)}
+        item.routes = [m for f in filters if f in chosen for m in self._by_filter[f]]
         self._inbox.put_nowait(item)
 
     async def _run_inbox(self) -> None:
@@ -924,11 +752,3 @@ async def _cancel(task: asyncio.Task[None]) -> None:
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
-
-
-def stream_bytes(config: BridgeConfig | None, streams: Any) -> list[int]:
-    """The ``max_bytes`` of each stream the bridge stores into (for the broker's caps)."""
-    if config is None:
-        return []
-    wanted = set(config.streams())
-    return [s.max_bytes for s in streams if s.name in wanted]

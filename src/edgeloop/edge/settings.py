@@ -38,8 +38,9 @@ and how each goes to the cloud the ``export`` key (see ``edgeloop.edge.export_co
     "export": {"alerts": {"policy": "mqtt"},
                "telemetry": {"policy": "batch", "interval_seconds": 86400}}
 
-The kits' broker is the ``broker`` key (``edgeloop.edge.hub_broker``; ``ca`` defaults to
-``cloud.ca``) and its topic mappings the ``bridge`` key (``edgeloop.edge.bridge``)::
+The kits' broker is the ``broker`` key (``edgeloop.edge.hub_broker_config``; ``ca``
+defaults to ``cloud.ca``) and its topic mappings the ``bridge`` key
+(``edgeloop.edge.bridge_config``)::
 
     "broker": {"port": 8883, "kit_topic_prefix": "kits"},
     "bridge": {"mqttTopicMapping": {"KitsToStream": {"topic": "kits/+/telemetry",
@@ -53,17 +54,15 @@ import os
 import socket
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from edgeloop import __version__
 from edgeloop.core.errors import ValidationError
+from edgeloop.edge.bridge_config import BridgeConfig, Endpoint, parse_bridge
 from edgeloop.edge.export_config import ExportPolicy, check_streams, parse_export
+from edgeloop.edge.hub_broker_config import BrokerSettings, parse_broker
 from edgeloop.edge.lifecycle import RestartPolicy
 from edgeloop.edge.spool_config import StreamConfig, parse_streams
-
-if TYPE_CHECKING:
-    from edgeloop.edge.bridge import BridgeConfig
-    from edgeloop.edge.hub_broker import BrokerSettings
 
 NUCLEUS_VERSION = "2.14.0"
 """The Greengrass nucleus version edgeloop reports itself as, for recipes that ask."""
@@ -190,7 +189,7 @@ class AgentSettings:
     export: tuple[ExportPolicy, ...] = ()  # each stream's way to the cloud; default batch
     streams: tuple[StreamConfig, ...] = ()  # the spool's streams; dead-letter always exists
     broker: BrokerSettings | None = None  # the kits' broker (edgeloop.edge.hub_broker)
-    bridge: BridgeConfig | None = None  # its topic mappings (edgeloop.edge.bridge)
+    bridge: BridgeConfig | None = None  # topic mappings (edgeloop.edge.bridge)
 
     @property
     def layout(self) -> Layout:
@@ -248,10 +247,12 @@ class AgentSettings:
                 )
             elif key == "cloud":
                 changes["cloud"] = None if value is None else _cloud(value, self.root, source)
-            elif key in ("broker", "bridge"):
+            elif key == "broker":
                 changes[key] = (
-                    None if value is None else _broker_or_bridge(key, value, self.root, source)
+                    None if value is None else parse_broker(value, self.root, source=source)
                 )
+            elif key == "bridge":
+                changes[key] = None if value is None else parse_bridge(value, source=source)
             elif key in known:
                 changes[key] = _typed(key, value, type(getattr(self, key)), source)
             else:
@@ -262,17 +263,6 @@ class AgentSettings:
 
 
 _MIN_INT = {"log_max_bytes": 4096, "restart.broken_after": 1}
-
-
-def _broker_or_bridge(key: str, value: Any, root: Path, source: str) -> Any:
-    """The ``broker`` or ``bridge`` section (their modules are loaded only when present)."""
-    if key == "broker":
-        from edgeloop.edge.hub_broker import parse_broker
-
-        return parse_broker(value, root, source=source)
-    from edgeloop.edge.bridge import parse_bridge
-
-    return parse_bridge(value, source=source)
 
 
 def _check_broker_and_bridge(settings: AgentSettings, source: str) -> AgentSettings:
@@ -290,8 +280,6 @@ def _check_broker_and_bridge(settings: AgentSettings, source: str) -> AgentSetti
         settings = replace(settings, broker=replace(broker, ca=settings.cloud.ca))
     if bridge is None:
         return settings
-    from edgeloop.edge.bridge import Endpoint
-
     declared = {stream.name for stream in settings.streams}
     for mapping in bridge.mappings:
         where = f"bridge.mqttTopicMapping.{mapping.name}"
