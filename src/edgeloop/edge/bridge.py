@@ -90,6 +90,7 @@ PUBSUB_QUEUE = 10_000  # messages an IPC source may queue while the bridge is bl
 RETRY_FIRST, RETRY_CAP = 0.2, 5.0  # seconds between attempts to store a blocked message
 STOP_DRAIN = 5.0  # seconds a stop waits for pending acknowledgements
 SESSION_NEVER_EXPIRES = 0xFFFFFFFF
+_ENDING = ("STOPPING", "FINISHED")
 
 # --- recognising redeliveries (pure) --------------------------------------------------------
 
@@ -413,6 +414,7 @@ class Bridge:
                     await self._acks_drained.wait()
             await _cancel(acks[0])
         self._tasks.clear()
+        self.state = "STOPPING"
         if self._local is not None:
             await asyncio.to_thread(self._local.stop)
             self._local = None
@@ -487,8 +489,9 @@ class Bridge:
         if connected:
             self.connects += 1
             self.error = None
-            self.state = "RUNNING"
-        elif self.connected or reason != self.error:
+            if self.state not in _ENDING:
+                self.state = "RUNNING"
+        elif self.state not in _ENDING and (self.connected or reason != self.error):
             log.warning("bridge lost the hub broker: %s", reason)
             self.error = reason
         if connected != self.connected:
