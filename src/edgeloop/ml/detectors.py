@@ -66,7 +66,7 @@ class DetectorConfig:
     warmup: int = 300  # readings before the likelihood learns: a young memory finds all new
     baseline: int = 1000  # novelties the likelihood's baseline spans
     smoothing: int = 5  # latest novelties averaged before they are judged
-    z_alarm: float = 5.4  # likelihood z-score at which the detector decides
+    z_alarm: float = 4.8  # likelihood z-score at which the detector decides
     level_alarm: float = 0.15  # share of the remembered spread beyond the range that decides
     refractory: int = 100  # quiet readings after a decision
 
@@ -88,9 +88,10 @@ class PatternMemory:
     only once it no longer overlaps the newest one, so a reading is never compared with
     itself. The search takes a bound from a likely close pattern (the successor of the
     previous best match: a series that repeats itself goes on as it went on before), and
-    failing that from the patterns whose newest reading is closest; then it discards, one
-    row at a time, every pattern already farther than the bound on that row, and measures
-    the few that remain in full.
+    failing that from the patterns whose newest reading is closest. The memory is kept
+    sorted by newest reading, which no nearer pattern can differ in by more than the bound:
+    a binary search gives the candidates; the search discards, one row at a time, those
+    already farther than the bound on that row, and measures the few that remain in full.
     """
 
     _FEW = 48  # patterns worth measuring in full rather than pruning further
@@ -100,11 +101,14 @@ class PatternMemory:
         self.window = window
         self.capacity = memory
         self._rows = channels * window
-        # newest reading first, then the oldest (least correlated with it), then the rest
-        self._prune_order = [window - 1, 0, *range(window - 2, 0, -1)]
+        self._key_row = window - 1  # the first channel's newest reading
+        # after the newest reading, the oldest (least correlated with it), then the rest
+        self._prune_order = [0, *range(window - 2, 0, -1)]
         self._unit = np.ones(self._rows, dtype=np.float64)  # one channel: no scaling
         self._store = np.zeros((self._rows, memory), dtype=np.float64)
         self._ends = np.full(memory, -1, dtype=np.int64)  # reading index each pattern ends at
+        self._keys = np.zeros(memory, dtype=np.float64)  # newest readings, ascending
+        self._slots = np.zeros(memory, dtype=np.intp)  # the slot of each sorted key
         self._count = 0
         self._next = 0
         self._pending: deque[tuple[int, NDArray[np.float64]]] = deque()
@@ -129,14 +133,13 @@ class PatternMemory:
             return math.inf
         flat = pattern.reshape(-1)
         weights = np.repeat(inv_scale, self.window) if self.channels > 1 else self._unit
-        store = self._store
-        first = self._prune_order[0]
-        lower = np.abs(store[first, :count] - flat[first])
-        if self.channels > 1:
-            lower *= weights[first]
+        keys = self._keys[:count]
+        key = float(flat[self._key_row])
+        key_weight = float(weights[self._key_row])
+        # A bound from likely neighbours: the successor of the previous best match, else the
+        # patterns whose newest readings are closest.
         bound = math.inf
         best = self._best
-        successor = -1
         if best >= 0:
             successor = (best + 1) % self.capacity
             if successor < count and self._ends[successor] == self._ends[best] + 1:
@@ -144,13 +147,23 @@ class PatternMemory:
                 if bound == 0.0:  # an exact repeat: nothing can be nearer
                     self._best = successor
                     return 0.0
-        candidates = np.flatnonzero(lower <= bound)
-        if candidates.size > 4 * self._FEW:
-            # the patterns whose newest reading is closest bound the answer too
-            probes = np.argpartition(lower, 3)[:4]
-            bound = min(bound, float(self._distances(flat, weights, probes).min()))
-            candidates = candidates[lower[candidates] <= bound]
-        for row in self._prune_order[1:]:
+        at = int(np.searchsorted(keys, key))
+        if bound == math.inf:
+            around = self._slots[max(0, at - 2) : at + 2]
+            distances = self._distances(flat, weights, around)
+            index = int(np.argmin(distances))
+            bound = float(distances[index])
+            if bound == 0.0:
+                self._best = int(around[index])
+                return 0.0
+        # every nearer pattern has its newest reading within the bound of this one's
+        # (widened a hair: key - (key - other) need not round back to other)
+        reach = bound / key_weight * (1.0 + 1e-9) + 1e-12 * abs(key)
+        low = int(np.searchsorted(keys, key - reach, side="left"))
+        high = int(np.searchsorted(keys, key + reach, side="right"))
+        candidates = self._slots[low:high]
+        store = self._store
+        for row in self._prune_order:
             if candidates.size <= self._FEW:
                 break
             gap = np.abs(store[row, candidates] - flat[row])
@@ -183,10 +196,31 @@ class PatternMemory:
         # the next pattern (ending at end + 1) may meet those ending at end + 1 - window
         while self._pending and self._pending[0][0] <= end + 1 - self.window:
             done, flat = self._pending.popleft()
-            self._store[:, self._next] = flat
-            self._ends[self._next] = done
-            self._next = (self._next + 1) % self.capacity
-            self._count = min(self._count + 1, self.capacity)
+            self._admit(done, flat)
+
+    def _admit(self, end: int, flat: NDArray[np.float64]) -> None:
+        slot = self._next
+        count = self._count
+        keys, slots = self._keys, self._slots
+        if count == self.capacity:  # the oldest pattern leaves, and its key with it
+            old = float(self._store[self._key_row, slot])
+            at = int(np.searchsorted(keys[:count], old, side="left"))
+            while slots[at] != slot:  # among equal keys
+                at += 1
+            # copies: numpy does not promise overlapping slices move like memmove
+            keys[at : count - 1] = keys[at + 1 : count].copy()
+            slots[at : count - 1] = slots[at + 1 : count].copy()
+            count -= 1
+        key = float(flat[self._key_row])
+        at = int(np.searchsorted(keys[:count], key, side="right"))
+        keys[at + 1 : count + 1] = keys[at:count].copy()
+        slots[at + 1 : count + 1] = slots[at:count].copy()
+        keys[at] = key
+        slots[at] = slot
+        self._store[:, slot] = flat
+        self._ends[slot] = end
+        self._next = (slot + 1) % self.capacity
+        self._count = count + 1
 
 
 class LevelMemory:
