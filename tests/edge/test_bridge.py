@@ -229,29 +229,58 @@ def test_kill_9_of_the_agent_loses_no_acknowledged_reading(
     hub_factory: Callable[..., Hub],
     pki: Pki,  # noqa: F811
 ) -> None:
+    # 4 kits x 400 readings at 30 a second each: about 13 s, the agent killed twice.
+    kill_agent_while_kits_publish(hub_factory, pki, count=400, kills=(300, 900))
+
+
+@pytest.mark.soak
+@pytest.mark.timeout(600)
+def test_kill_9_of_the_agent_again_and_again(
+    hub_factory: Callable[..., Hub],
+    pki: Pki,  # noqa: F811
+) -> None:
+    # 4 kits x 3,000 readings: about 2 minutes, the agent killed every 1,200 readings.
+    kill_agent_while_kits_publish(hub_factory, pki, count=3000, kills=(1200,) * 8)
+
+
+def kill_agent_while_kits_publish(
+    hub_factory: Callable[..., Hub],
+    pki: Pki,  # noqa: F811
+    *,
+    count: int,
+    kills: tuple[int, ...],
+) -> None:
+    """Kits publish ``count`` readings each while the agent is killed (kill -9) once its
+    bridge has acknowledged each of ``kills`` readings since it started; then every reading
+    the kits had acknowledged must be in the stream, once."""
     hub = broker_hub(hub_factory, pki)
     hub.start()
     wait_status(hub, lambda s: s["bridge"]["connected"])
-    # 4 kits x 400 readings at 30 a second each: about 13 s, the agent killed twice.
-    proc = run_kits(hub, pki, "--count", "400", "--speed", "300", background=True)
+    proc = run_kits(hub, pki, "--count", str(count), "--speed", "300", background=True)
     assert isinstance(proc, subprocess.Popen) and hub.proc is not None
-    for threshold in (300, 900):
-        wait_status(hub, lambda s, t=threshold: s["bridge"]["acked"] > t, timeout=30)
+    for threshold in kills:
+        wait_status(hub, lambda s, t=threshold: s["bridge"]["acked"] > t, timeout=60)
         hub.kill9()
         time.sleep(0.3)  # kits keep publishing to the orphaned broker meanwhile
         hub.start()
         status = wait_status(hub, lambda s: s["bridge"]["connected"])
         assert status["broker"]["state"] == "RUNNING"
-    summary = finish_kits(proc)
-    status = wait_status(
-        hub,
-        lambda s: (
-            s["bridge"]["pendingAcks"] == 0
-            and sum(m["received"] for m in s["bridge"]["mappings"]) > 0
-        ),
-    )
-    time.sleep(1.0)  # what the broker still holds for the bridge
-    duplicates = status["bridge"]["mappings"][0]["duplicates"]
+    summary = finish_kits(proc, timeout=60 + count / 10)
+    total = sum(kit["acked"] for kit in summary["kits"])
+
+    def settled(status: dict[str, Any]) -> bool:
+        bridge = status["bridge"]
+        return bridge["inbox"] == 0 and bridge["pendingAcks"] == 0
+
+    def appended() -> int:
+        rows = {row["name"]: row for row in hub.call("streams")}
+        return int(rows["telemetry"]["appended"])
+
+    deadline = time.monotonic() + 30
+    while appended() < total or not settled(hub.call("status")):
+        assert time.monotonic() < deadline, (appended(), total, hub.call("status")["bridge"])
+        time.sleep(0.1)
+    duplicates = hub.call("status")["bridge"]["mappings"][0]["duplicates"]
     hub.stop()
     found = stored_readings(hub)
     acked = {kit["kit"]: range(kit["firstSeq"], kit["lastSeq"] + 1) for kit in summary["kits"]}
