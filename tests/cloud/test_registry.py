@@ -20,7 +20,7 @@ from edgeloop.cloud.db import (
     ShadowRow,
 )
 from edgeloop.cloud.pki import CertificateAuthority
-from edgeloop.cloud.registry import Registry
+from edgeloop.cloud.registry import ConnectivityEvent, Registry
 from edgeloop.core.errors import ConflictError, NotFoundError, ShadowError, ValidationError
 from edgeloop.core.shadowbook import ShadowBook
 
@@ -637,3 +637,21 @@ def test_concurrent_connectivity_reports_keep_the_newest(registry: Registry) -> 
     assert state is not None
     assert (state.connected, state.since) == (True, T0 + timedelta(seconds=40))
     assert registry.fleet_query("connectivity.connected:true") == ["hub-1"]
+
+
+def test_a_late_will_of_a_replaced_connection_is_ignored(registry: Registry) -> None:
+    registry.create_thing("hub-1")
+    t0 = datetime(2026, 1, 1, tzinfo=UTC)
+    first, second = t0, t0 + timedelta(seconds=10)
+    registry.set_connectivity("hub-1", True, first)  # connection 1's birth
+    registry.set_connectivity("hub-1", True, second)  # connection 2 replaced it
+    # Connection 1's will, queued while the cloud's services were away, arrives now.
+    late = ConnectivityEvent("hub-1", False, t0 + timedelta(seconds=30), connection=first)
+    assert registry.set_connectivity_many([late]) == [False]
+    assert registry.connectivity("hub-1").connected  # type: ignore[union-attr]
+    # Connection 2's own will is taken.
+    ends = ConnectivityEvent("hub-1", False, t0 + timedelta(seconds=40), connection=second)
+    assert registry.set_connectivity_many([ends]) == [True]
+    state = registry.connectivity("hub-1")
+    assert state is not None and not state.connected
+    assert state.since == t0 + timedelta(seconds=40)

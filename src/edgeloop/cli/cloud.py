@@ -268,6 +268,14 @@ def up(
         str | None,
         typer.Option(help="An S3 endpoint for objects (default: files in the data folder)."),
     ] = None,
+    broker_autosave: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Changes between saves of the broker's database (1: after every change, "
+            "so a kill -9 loses nothing saved; more: faster for large fleets).",
+        ),
+    ] = 1,
     tls: Annotated[
         bool,
         typer.Option(
@@ -305,7 +313,13 @@ def up(
         console.file.flush()
 
     settings = CloudSettings(
-        data_dir=data_dir, host=host, port=port, db_url=db, s3_endpoint=s3_endpoint, tls=tls
+        data_dir=data_dir,
+        host=host,
+        port=port,
+        db_url=db,
+        s3_endpoint=s3_endpoint,
+        tls=tls,
+        broker_autosave=broker_autosave,
     )
     try:
         asyncio.run(Cloud(settings).serve_forever(ready))

@@ -20,10 +20,12 @@ carry the fleet's whole traffic; TLS on loopback buys nothing and costs CPU on a
 2-core box. (3) The services then need nothing from the CA to start. The secret is
 random, kept ``0600`` in the data folder and stable across restarts.
 
-Persistence: ``autosave_on_changes true`` with ``autosave_interval 1`` saves the
-database after every change (retained message, subscription, message queued for an
-offline session, durable connect), writing ``mosquitto.db.new`` and renaming it, so a
-``kill -9`` loses nothing saved. Two limits of Mosquitto 2.0.11, measured here:
+Persistence: ``autosave_on_changes true`` with ``autosave_interval 1`` (the default of
+``BrokerConfig.autosave_changes``; `cloud up --broker-autosave N` saves every N changes
+instead, for large fleets) saves the database after every change (retained message,
+subscription, message queued for an offline session, durable connect), writing
+``mosquitto.db.new`` and renaming it, so a ``kill -9`` loses nothing saved. Two limits
+of Mosquitto 2.0.11, measured here:
 
 - it acknowledges a QoS 1 PUBLISH *before* the save that follows it: a ``kill -9`` within
   a few milliseconds of the PUBACK lost a retained message; 10 ms later it survived;
@@ -145,6 +147,10 @@ class BrokerConfig:
     max_packet_size: int = 256 * 1024
     # Persistent sessions of clients that stay away longer are dropped (AWS IoT's cap).
     session_expiry: str | None = "7d"
+    # Changes between saves of the broker's database: 1 saves after every change (nothing
+    # saved is lost to kill -9); each save rewrites the whole file, so a large fleet trades
+    # a window of unsaved changes for throughput (see benchmarks/cloud.py).
+    autosave_changes: int = 1
     run_as: str | None = None  # Mosquitto's `user`: whom it drops to when started as root
     executable: str = MOSQUITTO
     start_timeout: float = 10.0
@@ -231,7 +237,7 @@ def render_config(cfg: BrokerConfig) -> str:
             f"persistence_location {data}/",
             "persistence_file mosquitto.db",
             "autosave_on_changes true",
-            "autosave_interval 1",
+            f"autosave_interval {_positive(cfg.autosave_changes, 'autosave_changes')}",
             *(
                 [f"persistent_client_expiration {_token(cfg.session_expiry, 'session_expiry')}"]
                 if cfg.session_expiry
@@ -296,6 +302,14 @@ def _check_topic(topic: str, name: str) -> str:
             field=name,
         )
     return topic
+
+
+def _positive(value: int, field: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValidationError(
+            f"{value!r} must be a whole number ≥ 1", source="broker config", field=field
+        )
+    return value
 
 
 def render_acl(rules: AclRules) -> str:

@@ -127,7 +127,7 @@ _THINGS_KNOWN = select(ThingRow.name).where(
     ThingRow.name.in_(bindparam("b_things", expanding=True))
 )
 _CONNECTIVITY_SINCE_MANY = (
-    select(ConnectivityRow.thing_name, ConnectivityRow.since)
+    select(ConnectivityRow.thing_name, ConnectivityRow.since, ConnectivityRow.connected)
     .where(ConnectivityRow.thing_name.in_(bindparam("b_things", expanding=True)))
     .with_for_update()
 )
@@ -215,6 +215,9 @@ class ConnectivityEvent(NamedTuple):
     at: datetime
     client_id: str | None = None
     reason: str | None = None  # why it disconnected
+    # The connection a disconnect ends (when it started, as its birth's ``at`` says): a
+    # late will of an older connection than the recorded live one is ignored.
+    connection: datetime | None = None
 
 
 class ShadowWrite(NamedTuple):
@@ -1035,6 +1038,7 @@ class Registry:
                 _aware(event.at, "timestamp"),
                 event.client_id,
                 event.reason,
+                _aware(event.connection, "connection") if event.connection else None,
             )
             for event in events
         ]
@@ -1059,19 +1063,31 @@ class Registry:
             connection = session.connection()
             known: set[str] = set()
             since: dict[str, datetime] = {}
+            live: dict[str, bool] = {}
             for chunk in _chunks(names):
                 known.update(connection.execute(_THINGS_KNOWN, {"b_things": chunk}).scalars())
-                since.update(
-                    connection.execute(_CONNECTIVITY_SINCE_MANY, {"b_things": chunk}).all()
-                )
+                for name, stored_since, stored_connected in connection.execute(
+                    _CONNECTIVITY_SINCE_MANY, {"b_things": chunk}
+                ):
+                    since[name] = stored_since
+                    live[name] = stored_connected
             groups = self._dynamic_groups(session)
-            for thing, connected, at, client_id, reason in events:
+            for thing, connected, at, client_id, reason, ends in events:
                 if thing not in known:
                     results.append(None)
                     continue
                 before = since.get(thing)
                 if before is not None and at <= before:
                     results.append(False)
+                    continue
+                if (
+                    not connected
+                    and ends is not None
+                    and before is not None
+                    and live.get(thing)
+                    and before > ends
+                ):
+                    results.append(False)  # the will of a connection a newer one replaced
                     continue
                 values = {
                     "connected": connected,
@@ -1084,6 +1100,7 @@ class Registry:
                 else:
                     connection.execute(_CONNECTIVITY_UPDATE, {"b_thing": thing, **values})
                 since[thing] = at
+                live[thing] = connected
                 self._log(
                     connection,
                     change,

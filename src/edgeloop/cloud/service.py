@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import queue
 import re
 import signal
 import ssl
@@ -37,8 +38,9 @@ from edgeloop.cloud.provisioning import (
     ProvisioningService,
     parse_request_topic,
 )
+from edgeloop.cloud.registry import ConnectivityEvent
 from edgeloop.cloud.shadow_service import REQUEST_FILTER, ShadowService
-from edgeloop.core.errors import CloudError, EdgeloopError
+from edgeloop.core.errors import CloudError
 from edgeloop.core.names import is_thing_name
 
 log = logging.getLogger("edgeloop.cloud")
@@ -49,6 +51,8 @@ CONNECTIVITY_FILTER = "edgeloop/things/+/connectivity"
 PRIVATE_REPLY_TOPIC = re.compile(r"^edgeloop/replies/[^/+#\x00]+/[^+#\x00]+$")
 ENDPOINTS_FILE = "endpoints.json"
 CLAIM_TEMPLATE_POLL = 1.0  # seconds between looks for claim templates new to the broker
+MAX_INFLIGHT = 1000  # unacknowledged QoS 1 publishes of the services
+CONNECTIVITY_BATCH = 1000  # connects and disconnects recorded in one transaction
 SERVICES_SESSION_EXPIRY = 7 * 24 * 3600  # seconds the broker keeps the services' session
 LAKE_UPKEEP = 3600.0  # seconds between compactions of the lake
 ROLLOUT_TICK = 1.0  # seconds between steps of the fleet's rollouts
@@ -70,6 +74,7 @@ class CloudSettings:
     db_url: str | None = None
     s3_endpoint: str | None = None
     tls: bool = False  # HTTPS, with things' certificates and the operator token
+    broker_autosave: int = 1  # changes between saves of the broker's database
 
 
 def _is_loopback(host: str) -> bool:
@@ -138,6 +143,9 @@ class MqttServices:
             protocol=mqtt.MQTTv5,
         )
         self.client.username_pw_set(login.username, login.password)
+        # paho's default of 20 unacknowledged QoS 1 publishes caps every answer the
+        # services send (shadow documents, job notifications) at a few hundred a second.
+        self.client.max_inflight_messages_set(MAX_INFLIGHT)
         self.client.on_connect = self._on_connect
         self.client.on_message = self._on_message
         self._login = login
@@ -158,6 +166,24 @@ class MqttServices:
         self._jobs_sweeper = threading.Thread(
             target=self._sweep_jobs, name="jobs-timeouts", daemon=True
         )
+        self._connectivity: queue.SimpleQueue[ConnectivityEvent | None] = queue.SimpleQueue()
+        # Connectivity has a client of its own with a clean session: it wants the fleet's
+        # latest state (the retained birth or will of each hub, on every (re)subscribe),
+        # never the wills a persistent session would have queued while it was away — those
+        # would arrive after the births of the hubs' newer connections.
+        self.presence = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id="edgeloop-cloud-connectivity",
+            protocol=mqtt.MQTTv5,
+        )
+        self.presence.username_pw_set(login.username, login.password)
+        self.presence.on_connect = self._on_presence_connect
+        self.presence.on_message = lambda c, u, m: self._record_connectivity(
+            m.topic, bytes(m.payload)
+        )
+        self._connectivity_writer = threading.Thread(
+            target=self._write_connectivity, name="connectivity", daemon=True
+        )
 
     def start(self) -> None:
         """Connect (and keep reconnecting) in paho's thread."""
@@ -177,7 +203,11 @@ class MqttServices:
             properties=properties,
         )
         self.client.loop_start()
+        self.presence.reconnect_delay_set(min_delay=1, max_delay=5)
+        self.presence.connect_async(self._login.host, self._login.port, keepalive=30)
+        self.presence.loop_start()
         self._jobs_sweeper.start()
+        self._connectivity_writer.start()
 
     def stop(self) -> None:
         """Disconnect and end paho's thread."""
@@ -186,8 +216,21 @@ class MqttServices:
         if self._jobs_sweeper.is_alive():
             self._jobs_sweeper.join()
         self._jobs_worker.shutdown(wait=True, cancel_futures=True)
+        self._connectivity.put(None)
+        if self._connectivity_writer.is_alive():
+            self._connectivity_writer.join(10)
         self.client.disconnect()
         self.client.loop_stop()
+        self.presence.disconnect()
+        self.presence.loop_stop()
+
+    def _on_presence_connect(
+        self, client: Any, userdata: Any, flags: Any, reason: Any, props: Any
+    ) -> None:
+        if reason.is_failure:
+            log.error("the connectivity service could not log in to the broker: %s", reason)
+            return
+        client.subscribe(CONNECTIVITY_FILTER, qos=1)
 
     def _publish(self, topic: str, payload: bytes) -> None:
         self.client.publish(topic, payload, qos=1)
@@ -214,10 +257,12 @@ class MqttServices:
         # The request topics only: answers to them are published here, not served.
         provisioning = [(topic, 1) for topic in (*REQUEST_FILTERS, ROTATE_FILTER)]
         jobs = [(topic, 1) for topic in JOB_REQUEST_FILTERS]
+        client.unsubscribe(
+            CONNECTIVITY_FILTER
+        )  # now the connectivity client's; older sessions kept it
         client.subscribe(
             [
                 (REQUEST_FILTER, 1),
-                (CONNECTIVITY_FILTER, 1),
                 (LakeMqttIngest.topic_filter, 1),
                 *provisioning,
                 *jobs,
@@ -234,9 +279,8 @@ class MqttServices:
             with contextlib.suppress(RuntimeError):  # stopping: the device will ask again
                 self._jobs_worker.submit(self._serve_jobs, topic, payload)
         elif topic.startswith("$aws/things/"):
-            self.loop.call_soon_threadsafe(self._serve_shadow, topic, payload)
-        elif topic.endswith("/connectivity"):
-            self._record_connectivity(topic, payload)
+            # Served in batches on the loop, one database write for all that are waiting.
+            self.loop.call_soon_threadsafe(self.shadows.submit, topic, payload)
         else:
             props = getattr(message, "properties", None)
             correlation = getattr(props, "CorrelationData", None) if props else None
@@ -287,12 +331,6 @@ class MqttServices:
                     "job %s on %s timed out: %s", change.job_id, change.thing_name, change.reason
                 )
 
-    def _serve_shadow(self, topic: str, payload: bytes) -> None:
-        try:
-            self.shadows.handle(topic, payload)
-        except Exception:
-            log.exception("shadow request on %s failed", topic)
-
     def _record_connectivity(self, topic: str, payload: bytes) -> None:
         thing = topic.split("/")[2]
         if not is_thing_name(thing):
@@ -310,16 +348,43 @@ class MqttServices:
             # A birth message says when the hub connected; a last will cannot know when
             # it will be sent, so the broker's delivery time stands for it.
             at = datetime.fromtimestamp(doc["at"] / 1000, UTC)
-        try:
-            self.ctx.registry.set_connectivity(
+        # A will names the connection it ends; a late one of a replaced connection is
+        # ignored by the registry.
+        ends = None
+        if not doc["connected"] and isinstance(doc.get("connection"), int | float):
+            ends = datetime.fromtimestamp(doc["connection"] / 1000, UTC)
+        # Written by a thread of its own, in batches: paho's network thread must keep
+        # reading, or the broker's queue for the services overflows during a connect storm.
+        self._connectivity.put(
+            ConnectivityEvent(
                 thing,
                 doc["connected"],
                 at,
                 client_id=str(doc.get("clientId") or thing),
                 reason=None if doc["connected"] else str(doc.get("reason") or "connection lost"),
+                connection=ends,
             )
-        except EdgeloopError as err:
-            log.warning("connectivity of %s not recorded: %s", thing, err)
+        )
+
+    def _write_connectivity(self) -> None:
+        while True:
+            first = self._connectivity.get()
+            if first is None:
+                return
+            batch = [first]
+            while len(batch) < CONNECTIVITY_BATCH:
+                try:
+                    more = self._connectivity.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    self._connectivity.put(None)  # stop after this batch
+                    break
+                batch.append(more)
+            try:
+                self.ctx.registry.set_connectivity_many(batch)
+            except Exception:
+                log.exception("connectivity of %d things not recorded", len(batch))
 
 
 def _certificate_facts(ctx: CloudContext, certificate_id: str) -> tuple[str, str | None, str]:
@@ -448,6 +513,7 @@ class Cloud:
                 host=s.host,
                 base_port=s.port + 1,
                 acl=AclRules(claim_templates=await asyncio.to_thread(claim_templates, ctx)),
+                autosave_changes=s.broker_autosave,
             )
         )
         ports = await self.broker.start()

@@ -5,8 +5,11 @@ that PublishToIoTCore / SubscribeToIoTCore use, over paho-mqtt (MQTT 5, mutual T
 
 - client id = the thing name; clean start 0 with a session expiry, so the broker keeps
   the hub's subscriptions and QoS 1 messages while it is away (and across its restarts);
-- a retained last will ``{"connected": false}`` on ``edgeloop/things/{thing}/connectivity``
-  and a retained birth ``{"connected": true, "at": ms, "clientId": ...}`` on every connect;
+- a retained last will ``{"connected": false, "connection": C}`` on
+  ``edgeloop/things/{thing}/connectivity`` and a retained birth ``{"connected": true,
+  "at": C, "connection": C, "clientId": ...}`` on every connect, C being when that
+  connection was attempted (ms): a will that reaches the cloud late (queued while its
+  services were away) names a connection older than the live one, and is ignored;
   a graceful stop publishes ``{"connected": false}`` itself, as a normal DISCONNECT
   discards the will;
 - reconnects with capped, jittered exponential backoff, and says why an attempt failed
@@ -286,7 +289,7 @@ class CloudLink:
                 f"cannot use the hub's cloud credentials ({settings.cert}, {settings.key}, "
                 f"{settings.ca}): {err}"
             ) from err
-        self._client.will_set(connectivity_topic(thing), b'{"connected": false}', 1, True)
+        self._connection = 0  # ms when the current connection was attempted (its id)
         self._client.max_queued_messages_set(settings.queue_limit)
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
@@ -367,6 +370,15 @@ class CloudLink:
         while not self._closing.is_set():
             connects = self.connects
             self._attempt_error = None
+            # This connection's id: the will and the birth name it, so that the cloud can
+            # tell a late will of an earlier connection from one of the live connection.
+            self._connection = int(self._clock() * 1000)
+            self._client.will_set(
+                connectivity_topic(self.thing),
+                json.dumps({"connected": False, "connection": self._connection}),
+                1,
+                True,
+            )
             try:
                 self._client.connect(
                     s.host, s.port, keepalive=s.keepalive, clean_start=False, properties=properties
@@ -418,7 +430,12 @@ class CloudLink:
             self._attempt_error = f"it refused the hub: {reason}"
             return
         self._logged_error = None
-        birth = {"connected": True, "at": int(self._clock() * 1000), "clientId": self.thing}
+        birth = {
+            "connected": True,
+            "at": self._connection,
+            "connection": self._connection,
+            "clientId": self.thing,
+        }
         client.publish(connectivity_topic(self.thing), json.dumps(birth), qos=1, retain=True)
         self.connects += 1
         log.info(
