@@ -31,6 +31,7 @@ from tests.edge.test_hub_broker import (
     broker_hub,
     broker_status,
     dead_letters,
+    end_kit_runs,  # noqa: F401 - an autouse fixture
     finish_kits,
     kit_connections,  # noqa: F401 - a fixture
     pki,  # noqa: F401 - a fixture

@@ -209,9 +209,24 @@ def run_kits(
     proc = subprocess.Popen(
         command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
     )
+    _KIT_RUNS.append(proc)
     if background:
         return proc
     return finish_kits(proc)
+
+
+_KIT_RUNS: list[subprocess.Popen[str]] = []
+
+
+@pytest.fixture(autouse=True)
+def end_kit_runs() -> Iterator[None]:
+    """Kits runs a failed test left behind are stopped."""
+    yield
+    while _KIT_RUNS:
+        proc = _KIT_RUNS.pop()
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=10)
 
 
 def finish_kits(proc: subprocess.Popen[str], timeout: float = 60) -> dict[str, Any]:
