@@ -14,7 +14,8 @@ from sqlalchemy import inspect, select, text
 import edgeloop.cloud.components
 import edgeloop.cloud.deployments
 import edgeloop.cloud.jobs
-import edgeloop.cloud.lake  # noqa: F401  (with the three above: every model on Base)
+import edgeloop.cloud.lake
+import edgeloop.cloud.ml.registry  # noqa: F401  (with the four above: every model on Base)
 from edgeloop.cloud.db import _MIGRATIONS, Base, Database, EventRow, ThingRow
 from edgeloop.core.errors import CloudError, ValidationError
 

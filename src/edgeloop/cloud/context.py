@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from edgeloop.cloud.deployments import DeploymentEngine
     from edgeloop.cloud.jobs import JobStore
     from edgeloop.cloud.lake import Lake
+    from edgeloop.cloud.ml.service import MlLoop
 
 log = logging.getLogger("edgeloop.cloud")
 
@@ -95,6 +96,13 @@ class CloudContext:
         from edgeloop.cloud.lake import Lake
 
         return Lake(self.db, self.objects, cache_dir=self.data_dir / "lake-cache")
+
+    @functools.cached_property
+    def ml(self) -> MlLoop:
+        """Dataset snapshots, the model registry, training runs and model packaging."""
+        from edgeloop.cloud.ml.service import MlLoop
+
+        return MlLoop(self.db, self.objects, self.lake, lambda: self.components)
 
     def crl_pem(self) -> bytes:
         """The CRL of every certificate revoked so far, signed by the issuing CA."""
