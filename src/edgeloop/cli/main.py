@@ -9,6 +9,7 @@ from edgeloop.cli.bench import app as bench_app
 from edgeloop.cli.cloud import app as cloud_app
 from edgeloop.cli.cloud_deployment import deployment_app
 from edgeloop.cli.cloud_lake import lake_app
+from edgeloop.cli.cloud_ml import ml_app
 from edgeloop.cli.device import app as device_app
 from edgeloop.cli.sim import app as sim_app
 
@@ -25,6 +26,7 @@ app.add_typer(bench_app, name="bench")
 app.add_typer(sim_app, name="sim")
 cloud_app.add_typer(deployment_app, name="deployment")
 cloud_app.add_typer(lake_app, name="lake")
+cloud_app.add_typer(ml_app, name="ml")
 
 
 @app.command()

@@ -37,6 +37,7 @@ from edgeloop.cloud.api_components import component_router
 from edgeloop.cloud.api_deployments import deployments_router
 from edgeloop.cloud.api_jobs import jobs_router
 from edgeloop.cloud.api_lake import lake_router
+from edgeloop.cloud.api_ml import ml_router
 from edgeloop.cloud.context import CloudContext
 from edgeloop.cloud.pki import IssuedCertificate, load_certificate
 from edgeloop.cloud.registry import MAX_PAGE, Certificate, Thing
@@ -796,6 +797,7 @@ def create_app(ctx: CloudContext) -> FastAPI:
     app.include_router(jobs_router(ctx))
     app.include_router(deployments_router(ctx))
     app.include_router(lake_router(ctx))
+    app.include_router(ml_router(ctx))
 
     # == errors: the one place they become HTTP ==========================================
 
