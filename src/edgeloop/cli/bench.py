@@ -50,6 +50,7 @@ class NabReport:
     held_out: dict[str, float]  # each category at the threshold best for the others
     scoreboard: dict[str, dict[str, float]]  # detector -> profile -> normalised score
     micros_per_reading: float  # detector time alone, per reading
+    reference_micros: float  # a fixed numpy operation timed in the same run, for scale
     wall_seconds: float
     jobs: int
     config: DetectorConfig
@@ -78,6 +79,7 @@ def run_nab(root: Path, *, jobs: int = 2, config: DetectorConfig = DEFAULT_CONFI
             scores[name] = result
             busy += seconds
     wall = time.perf_counter() - started
+    reference = reference_micros()
     readings = sum(item.values.size for item in corpus.files)
     return NabReport(
         root=root,
@@ -90,10 +92,21 @@ def run_nab(root: Path, *, jobs: int = 2, config: DetectorConfig = DEFAULT_CONFI
         held_out=held_out_scores(corpus.files, scores, corpus.windows),
         scoreboard=scoreboard(root, corpus),
         micros_per_reading=busy / readings * 1e6,
+        reference_micros=reference,
         wall_seconds=wall,
         jobs=jobs,
         config=config,
     )
+
+
+def reference_micros(repeats: int = 2000) -> float:
+    """Microseconds for ``abs(x - c)`` over 4,000 floats: a yardstick of the machine's speed
+    taken in the same run, since a loaded or slow machine stretches every timing alike."""
+    values = np.linspace(0.0, 1.0, 4000)
+    started = time.perf_counter()
+    for _ in range(repeats):
+        np.abs(values - 0.5)
+    return (time.perf_counter() - started) / repeats * 1e6
 
 
 def scoreboard(root: Path, corpus: NabCorpus) -> dict[str, dict[str, float]]:
@@ -178,6 +191,7 @@ def nab_command(
                 "edgeloop_held_out": report.held_out,
                 "scoreboard": report.scoreboard,
                 "micros_per_reading": report.micros_per_reading,
+                "reference_micros": report.reference_micros,
                 "wall_seconds": report.wall_seconds,
                 "machine": machine,
             }
@@ -227,6 +241,7 @@ def nab_command(
     console.print(
         f"edgeloop detector: {report.micros_per_reading:.1f} µs per reading "
         f"(detector time in {report.jobs} worker process(es)); wall {report.wall_seconds:.1f} s; "
+        f"yardstick: abs(x - c) over 4,000 floats takes {report.reference_micros:.1f} µs here; "
         f"parameters {report.config}",
         highlight=False,
     )
