@@ -16,6 +16,7 @@ SUITES: dict[str, str] = {
     "cloud": "benchmarks.cloud",
     "spool": "benchmarks.spool",
     "nab": "benchmarks.nab",
+    "ml": "benchmarks.ml",
 }
 
 __all__ = ["SUITES"]
