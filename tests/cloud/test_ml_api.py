@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import pytest
 
 from edgeloop.core.telemetry import encode_batch
-from tests.cli.test_cloud_cli import cli, json_out, ok, one_error_line
+from tests.cli.test_cloud_cli import cli, json_out, ok, one_error_line, together
 from tests.cloud.test_cloud_up import RunningCloud
 
 from .ml_data import batches, kit_payloads
@@ -50,43 +50,39 @@ def test_train_follows_the_run_and_reports_the_versions(cloud: RunningCloud, tra
 
 
 def test_models_show_promote_and_their_rest_twins(cloud: RunningCloud, trained: str) -> None:
-    models = json_out(cli(cloud, "ml", "models", "--json"))
+    as_json, as_table = together(cloud, ("ml", "models", "--json"), ("ml", "models"))
+    models = json_out(as_json)
     assert [(m["name"], m["latest"]) for m in models] == [("fridge", 1)]
     assert cloud.api.get("/ml/models").json() == models
-    assert "fridge" in ok(cli(cloud, "ml", "models"))
+    assert "fridge" in ok(as_table)
 
-    promoted = json_out(
-        cli(
-            cloud,
-            "ml",
-            "promote",
-            "fridge",
-            "1",
-            "--alias",
-            "champion",
-            "--reason",
-            "first",
-            "--json",
-        )
-    )
+    promote = ("ml", "promote", "fridge", "1", "--alias", "champion", "--reason", "first")
+    promoted = json_out(cli(cloud, *promote, "--json"))
     assert (promoted["fromVersion"], promoted["toVersion"]) == (None, 1)
     answer = cloud.api.post(
         "/ml/models/fridge/aliases/challenger", json={"version": 1, "by": "bob", "reason": "try"}
     )
     assert answer.status_code == 200 and answer.json()["who"] == "bob"
 
-    shown = json_out(cli(cloud, "ml", "show", "fridge", "--json"))
+    model_json, model_table, one_json, one_table = together(
+        cloud,
+        ("ml", "show", "fridge", "--json"),
+        ("ml", "show", "fridge"),
+        ("ml", "show", "fridge@champion", "--json"),
+        ("ml", "show", "fridge@1"),
+    )
+    shown = json_out(model_json)
     assert shown["aliases"] == {"challenger": 1, "champion": 1}
     assert [(c["alias"], c["toVersion"], c["reason"]) for c in shown["aliasHistory"]] == [
         ("champion", 1, "first"),
         ("challenger", 1, "try"),
     ]
-    table = ok(cli(cloud, "ml", "show", "fridge"))
+    table = ok(model_table)
     assert "alias history" in table and "first" in table
-    one = json_out(cli(cloud, "ml", "show", "fridge@champion", "--json"))
+    one = json_out(one_json)
     assert one == cloud.api.get("/ml/models/fridge/versions/1").json()
     assert one["aliases"] == ["challenger", "champion"]
-    details = ok(cli(cloud, "ml", "show", "fridge@1"))
+    details = ok(one_table)
     assert "stuck_relay_on" in details and "F1" in details
     artifact = cloud.api.get("/ml/models/fridge/versions/latest/artifact")
     assert artifact.status_code == 200 and artifact.json()["format"] == "edgeloop.appliance-model"
@@ -104,13 +100,16 @@ def test_package_publishes_a_component(cloud: RunningCloud, trained: str) -> Non
 
 
 def test_errors_are_one_line(cloud: RunningCloud) -> None:
-    assert "no model named 'pump'" in one_error_line(cli(cloud, "ml", "show", "pump"))
-    assert "--since" in one_error_line(
-        cli(cloud, "ml", "train", "--since", "last tuesday", "--detach")
+    unknown, since, cluster, alias = together(
+        cloud,
+        ("ml", "show", "pump"),
+        ("ml", "train", "--since", "last tuesday", "--detach"),
+        ("ml", "train", "--cluster", "localhost:8786", "--detach"),
+        ("ml", "promote", "fridge", "1", "--alias", "Best!"),
     )
-    assert "--cluster" in one_error_line(
-        cli(cloud, "ml", "train", "--cluster", "localhost:8786", "--detach")
-    )
-    assert "alias" in one_error_line(cli(cloud, "ml", "promote", "fridge", "1", "--alias", "Best!"))
+    assert "no model named 'pump'" in one_error_line(unknown)
+    assert "--since" in one_error_line(since)
+    assert "--cluster" in one_error_line(cluster)
+    assert "alias" in one_error_line(alias)
     bad = cloud.api.post("/ml/train", json={"holdout": 2})
     assert bad.status_code == 400 and bad.json()["field"] == "holdout"

@@ -130,18 +130,3 @@ def test_unreachable_clusters_and_empty_selections_say_so(
         ctx.ml.train_now(TrainingOptions(cluster="tcp://127.0.0.1:9", config=CONFIG))
     with pytest.raises(ValidationError, match="no readings"):
         ctx.ml.train_now(TrainingOptions(spec=DatasetSpec(appliances=("washer",))))
-
-
-def test_training_in_the_background_reports_progress(ctx: CloudContext) -> None:
-    run = ctx.ml.start_training(
-        TrainingOptions(spec=DatasetSpec(appliances=("fridge",)), config=CONFIG, per_device=False)
-    )
-    import time
-
-    deadline = time.monotonic() + 60
-    while run.state in ("queued", "running") and time.monotonic() < deadline:
-        time.sleep(0.1)
-    document = run.to_json()
-    assert document["state"] == "succeeded", document
-    assert document["outcome"]["registered"][0]["version"] == 2
-    assert ctx.ml.run(run.id) is run and ctx.ml.runs()[0] is run
