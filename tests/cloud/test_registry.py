@@ -186,6 +186,29 @@ def test_static_groups(registry: Registry) -> None:
     assert events["group.deleted"] == 1
 
 
+def test_many_things_join_a_static_group_in_one_call(registry: Registry) -> None:
+    names = [f"bulk-{i:04d}" for i in range(1200)]  # more than one IN chunk
+    registry.create_things({name: {} for name in names})
+    registry.create_group("fleet")
+    registry.create_group("in-fleet", kind="dynamic", query="thingGroupNames:fleet")
+    registry.add_to_group("fleet", names[0])
+    assert registry.add_many_to_group("fleet", [*names, names[5]]) == len(names) - 1
+    assert registry.group_members("fleet") == names
+    assert registry.group_members("in-fleet") == names  # dynamic groups follow
+    assert registry.groups_of(names[7]) == ["fleet", "in-fleet"]
+    assert kinds(registry)["group.member.added"] == len(names)
+    assert registry.add_many_to_group("fleet", names[:10]) == 0
+    # All or nothing: an unknown thing refuses the batch, and a dynamic group any batch.
+    registry.create_group("other")
+    with pytest.raises(NotFoundError, match="nope"):
+        registry.add_many_to_group("other", [names[0], "nope"])
+    assert registry.group_members("other") == []
+    with pytest.raises(ConflictError, match="dynamic"):
+        registry.add_many_to_group("in-fleet", names[:1])
+    with pytest.raises(NotFoundError, match="thing group"):
+        registry.add_many_to_group("missing", names[:1])
+
+
 @pytest.mark.parametrize(
     ("kwargs", "field", "message"),
     [

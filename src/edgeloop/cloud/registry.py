@@ -706,6 +706,61 @@ class Registry:
         """Add a thing to a static group; False when it was already a member."""
         return self._change_static(group, thing, add=True)
 
+    def add_many_to_group(self, group: str, things: Iterable[str]) -> int:
+        """Add many things to a static group in one transaction (a bulk import); returns how
+        many joined (members already in it are skipped).
+
+        All or nothing: an unknown thing refuses the whole batch (NotFoundError names it).
+        """
+        names = list(dict.fromkeys(things))
+        with self._write() as (session, change):
+            row = self._group_row(session, group)
+            if row.kind == "dynamic":
+                raise ConflictError(
+                    f"thing group {group!r} is dynamic: its members are the things matching "
+                    f"{row.query!r}; change the things or the query instead"
+                )
+            known: set[str] = set()
+            members: set[str] = set()
+            for chunk in _chunks(names):
+                known.update(session.scalars(select(ThingRow.name).where(ThingRow.name.in_(chunk))))
+                members.update(
+                    session.scalars(
+                        select(GroupMemberRow.thing_name).where(
+                            GroupMemberRow.group_name == group,
+                            GroupMemberRow.thing_name.in_(chunk),
+                        )
+                    )
+                )
+            missing = next((name for name in names if name not in known), None)
+            if missing is not None:
+                raise NotFoundError("thing", missing)
+            joining = [name for name in names if name not in members]
+            if not joining:
+                return 0
+            now = self._now()
+            session.execute(
+                insert(GroupMemberRow),
+                [{"group_name": group, "thing_name": name} for name in joining],
+            )
+            session.execute(
+                insert(EventRow),
+                [
+                    {
+                        "at": now,
+                        "kind": "group.member.added",
+                        "subject": group,
+                        "detail": {"thing": name},
+                    }
+                    for name in joining
+                ],
+            )
+            change.everything = True  # the events were inserted as Core rows: reload
+            dynamic = self._dynamic_groups(session)
+            for name in joining:
+                self._refresh_dynamic(session, change, name, {"thingGroupNames"}, groups=dynamic)
+            return len(joining)
+
     def remove_from_group(self, group: str, thing: str) -> bool:
         """Remove a thing from a static group; False when it was not a member."""
         return self._change_static(group, thing, add=False)
