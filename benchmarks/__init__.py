@@ -14,6 +14,7 @@ SUITES: dict[str, str] = {
     "lake": "benchmarks.lake",
     "sim": "benchmarks.sim",
     "cloud": "benchmarks.cloud",
+    "rollout": "benchmarks.rollout",
     "spool": "benchmarks.spool",
     "nab": "benchmarks.nab",
     "ml": "benchmarks.ml",

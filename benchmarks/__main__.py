@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
         "--hubs",
         type=int,
         metavar="N",
-        help="simulated hubs for the cloud suite (default 10,000; fewer for a quick run)",
+        help="simulated hubs for the cloud and rollout suites (default 10,000; fewer: a quick run)",
     )
     args = parser.parse_args(argv)
     unknown = [name for name in args.suites if name not in SUITES]
@@ -44,9 +44,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.hubs is not None and args.hubs < 2:
         parser.error("--hubs must be at least 2")
     # Options that only one suite takes, passed to its run() as keywords.
-    options: dict[str, dict[str, Any]] = {"cloud": {}}
+    options: dict[str, dict[str, Any]] = {"cloud": {}, "rollout": {}}
     if args.hubs is not None:
         options["cloud"]["hubs"] = args.hubs
+        options["rollout"]["hubs"] = args.hubs
 
     console = Console(width=None if sys.stdout.isatty() else WIDE)
     machine = describe_machine()

@@ -30,7 +30,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -77,7 +77,10 @@ async def main():
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    cloud = Cloud(CloudSettings(data_dir=Path(sys.argv[1]), port=int(sys.argv[2])))
+    autosave = int(sys.argv[3]) if len(sys.argv) > 3 else 1
+    cloud = Cloud(
+        CloudSettings(data_dir=Path(sys.argv[1]), port=int(sys.argv[2]), broker_autosave=autosave)
+    )
     try:
         print(json.dumps(await cloud.start()), flush=True)
         await stop.wait()
@@ -173,7 +176,11 @@ def make_fleet(ws: Workspace, hubs: int) -> Fleet:
 class Hubs:
     """The worker processes that simulate the hubs, and the commands they run together."""
 
-    def __init__(self, fleet: Fleet, port: int, *, workers: int) -> None:
+    def __init__(
+        self, fleet: Fleet, port: int, *, workers: int, main: Callable[..., None] = serve
+    ) -> None:
+        """Start ``workers`` processes running ``main(pipe, spec)`` (``_hubs.serve``, or
+        a module's that speaks the same commands and more)."""
         context = multiprocessing.get_context("spawn")
         self.conns: list[Connection] = []
         self.procs: list[Any] = []
@@ -191,7 +198,7 @@ class Hubs:
             )
             ours, theirs = context.Pipe()
             proc = context.Process(
-                target=serve, args=(theirs, spec), name=f"hubs-{index}", daemon=True
+                target=main, args=(theirs, spec), name=f"hubs-{index}", daemon=True
             )
             proc.start()
             theirs.close()
@@ -331,12 +338,16 @@ def start_mosquitto(ws: Workspace, fleet: Fleet, *, persistence: bool) -> Server
     return Server(f"Mosquitto alone ({label})", device, proc.pid, proc=proc)
 
 
-def start_cloud(ws: Workspace, fleet: Fleet) -> tuple[Server, subprocess.Popen[bytes]]:
-    """The whole cloud in a process of its own; returns once its endpoints are written."""
+def start_cloud(
+    ws: Workspace, fleet: Fleet, *, autosave: int = 1
+) -> tuple[Server, subprocess.Popen[bytes]]:
+    """The whole cloud in a process of its own; returns once its endpoints are written.
+    ``autosave``: `cloud up --broker-autosave` (changes between saves of the broker's
+    database; 1, the default, saves after every change)."""
     log_path = fleet.data_dir.parent / "cloud.log"
     with log_path.open("ab") as log:
         proc = ws.popen(
-            [PYTHON, "-c", CLOUD_RUNNER, str(fleet.data_dir), str(_free_port())],
+            [PYTHON, "-c", CLOUD_RUNNER, str(fleet.data_dir), str(_free_port()), str(autosave)],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=log,
