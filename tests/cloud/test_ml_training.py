@@ -130,3 +130,38 @@ def test_unreachable_clusters_and_empty_selections_say_so(
         ctx.ml.train_now(TrainingOptions(cluster="tcp://127.0.0.1:9", config=CONFIG))
     with pytest.raises(ValidationError, match="no readings"):
         ctx.ml.train_now(TrainingOptions(spec=DatasetSpec(appliances=("washer",))))
+
+
+def test_the_plan_trains_on_normal_runs_and_leaves_out_rare_sensors() -> None:
+    import numpy as np
+
+    from edgeloop.cloud.ml.dataset import ApplianceData, KitData
+
+    n = 10_000
+    values = np.random.default_rng(0).normal(size=(n, 3))
+    values[: n // 4 * 3, 2] = np.nan  # a sensor only a quarter of the readings have
+    labels = ["normal"] * n
+    labels[3000:3100] = ["spikes"] * 100  # a fault: training runs end and start around it
+    kits = tuple(
+        KitData(thing, "pump-1", values, tuple(labels), np.arange(n, dtype=np.int64) * 5000)
+        for thing in ("hub-a", "hub-b")
+    )
+    data = ApplianceData(appliance="pump", sensors=("a", "b", "rare"), kits=kits)
+    tasks = plan([data], TrainingOptions(holdout=0.3))
+    assert [(t.name, t.scope) for t in tasks] == [
+        ("pump", "kind"),
+        ("pump.hub-a.pump-1", "device"),
+        ("pump.hub-b.pump-1", "device"),
+    ]
+    kind = tasks[0]
+    assert kind.sensors == ("a", "b")
+    # Per kit: readings 0-2999 and 3100-6999 (the last 30 % held out).
+    assert [len(s) for s in kind.train] == [3000, 3900, 3000, 3900]
+    assert all(s.shape[1] == 2 for s in kind.train)
+    assert [d for d, _ in kind.holdout] == ["hub-a/pump-1", "hub-b/pump-1"]
+    assert len(kind.holdout[0][1].labels) == 3000
+    assert tasks[1].holdout == (kind.holdout[0],)
+    # Without per-device models, or with one kit only: the kind's model alone.
+    assert len(plan([data], TrainingOptions(per_device=False))) == 1
+    single = ApplianceData(appliance="pump", sensors=data.sensors, kits=kits[:1])
+    assert len(plan([single], TrainingOptions())) == 1

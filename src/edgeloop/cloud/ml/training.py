@@ -60,6 +60,7 @@ MIN_SEGMENT = 200  # normal readings in a row worth training on
 MIN_DEVICE_READINGS = 5_000  # a kit's own training readings before it gets its own model
 DEVICE_MARGIN = 0.02  # F1 a kit's own model must gain over its kind's to be kept
 DASK_CONNECT_TIMEOUT = 10.0  # seconds to reach a Dask scheduler
+MIN_SENSOR_SHARE = 0.5  # of a kind's readings a sensor must be in to be modelled
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -135,7 +136,10 @@ def model_name(appliance: str, device: str | None = None) -> str:
 def fit_task(task: FitTask) -> TaskResult:
     """Fit and evaluate one model (runs in a worker process)."""
     started = time.perf_counter()
-    model = fit(list(task.train), task.sensors, appliance=task.appliance, config=task.config)
+    try:
+        model = fit(list(task.train), task.sensors, appliance=task.appliance, config=task.config)
+    except ValueError as err:  # too little data: said by name, for the run's error
+        raise ValueError(f"model {task.name}: {err}") from None
     overall = evaluate(model, [seq for _, seq in task.holdout])
     per_device = {device: _metrics(evaluate(model, [seq])) for device, seq in task.holdout}
     return TaskResult(
@@ -161,7 +165,7 @@ def _metrics(quality: Quality) -> dict[str, Any]:
 def plan(data: Sequence[ApplianceData], options: TrainingOptions) -> list[FitTask]:
     """The fits a snapshot calls for: a model per kind, and one per kit with enough data."""
     tasks: list[FitTask] = []
-    for kind in data:
+    for kind in map(_usual_sensors, data):
         held: list[tuple[str, LabelledSequence]] = []
         segments: list[np.ndarray[Any, Any]] = []
         own: list[tuple[KitData, list[np.ndarray[Any, Any]], LabelledSequence]] = []
@@ -204,6 +208,25 @@ def plan(data: Sequence[ApplianceData], options: TrainingOptions) -> list[FitTas
                     )
                 )
     return tasks
+
+
+def _usual_sensors(kind: ApplianceData) -> ApplianceData:
+    """The kind's data without sensors that most of its readings lack (a kit variant's
+    extra sensor): a model needs readings with all its sensors to learn from."""
+    readings = sum(len(kit.labels) for kit in kind.kits)
+    present = sum((~np.isnan(kit.values)).sum(axis=0) for kit in kind.kits)
+    keep = np.flatnonzero(np.asarray(present) >= MIN_SENSOR_SHARE * readings)
+    if len(keep) == len(kind.sensors):
+        return kind
+    dropped = [s for i, s in enumerate(kind.sensors) if i not in set(keep.tolist())]
+    log.warning("%s: leaving out sensors most readings lack: %s", kind.appliance, dropped)
+    return ApplianceData(
+        appliance=kind.appliance,
+        sensors=tuple(kind.sensors[i] for i in keep),
+        kits=tuple(
+            KitData(k.thing, k.kit, k.values[:, keep], k.labels, k.ts_ms) for k in kind.kits
+        ),
+    )
 
 
 def _normal_segments(kit: KitData, stop: int) -> Iterator[np.ndarray[Any, Any]]:
@@ -342,7 +365,10 @@ def train(
             )
         )
 
-    results = run_tasks(tasks, cluster=options.cluster, workers=options.workers, on_done=fitted)
+    try:
+        results = run_tasks(tasks, cluster=options.cluster, workers=options.workers, on_done=fitted)
+    except ValueError as err:
+        raise ValidationError(str(err), field="spec") from err
     by_kind = {r.appliance: r for r in results if r.scope == "kind"}
     kept: list[TaskResult] = []
     skipped: list[dict[str, Any]] = []
