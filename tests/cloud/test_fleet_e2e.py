@@ -301,6 +301,7 @@ def _sync_record(hub: FleetHub) -> dict[str, Any]:
 
 
 # -- the story ------------------------------------------------------------------------------
+@pytest.mark.timeout(300)  # about 30 s on an idle 2-core box; much longer on a busy one
 def test_a_fleet_provisions_by_claim_goes_on_and_offline_is_revoked_and_syncs_shadows(
     cloud: CloudUp, uplink: Uplink, hubs: Callable[..., FleetHub], tmp_path: Path
 ) -> None:
@@ -355,7 +356,7 @@ def test_a_fleet_provisions_by_claim_goes_on_and_offline_is_revoked_and_syncs_sh
         assert len(active) == 1 and active[0]["kind"] == "device", shown["certificates"]
         assert active[0]["certificateId"] == hub.certificate_id()  # the one the hub holds
         # The interim certificate it traded for it is out of use.
-        assert [x["status"] for x in shown["certificates"] if x not in active] == ["INACTIVE"]
+        assert {x["status"] for x in shown["certificates"] if x not in active} == {"INACTIVE"}
         certificates[thing] = active[0]["certificateId"]
     assert len(set(certificates.values())) == 3
     assert claim["certificateId"] not in certificates.values()
@@ -478,11 +479,6 @@ def test_a_fleet_provisions_by_claim_goes_on_and_offline_is_revoked_and_syncs_sh
     assert in_cloud == {**converged, "delta": {"fan": "low"}}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the broker lets any certificate connect under any client id, so a claim (shipped "
-    "in every factory image) takes a hub's session over and drops it",
-)
 def test_a_claim_cannot_take_over_a_hubs_connection(
     cloud: CloudUp, hubs: Callable[..., FleetHub], tmp_path: Path
 ) -> None:
@@ -512,6 +508,7 @@ def test_a_claim_cannot_take_over_a_hubs_connection(
     intruder.loop_start()
     try:
         time.sleep(1.0)
+        assert intruder.is_connected()  # the broker took it, under its own CN's name
     finally:
         intruder.disconnect()
         intruder.loop_stop()

@@ -266,6 +266,9 @@ def render_config(cfg: BrokerConfig) -> str:
             f"crlfile {_token(str(cfg.crl_path), 'crl')}",
             "require_certificate true",
             "use_identity_as_username true",
+            # The client id becomes the CN too: no certificate (a claim shipped in every
+            # factory image, say) can take over another's session by naming its client id.
+            "use_username_as_clientid true",
             f"tls_version {_token(cfg.tls_version, 'tls_version')}",
             "allow_anonymous false",
             f"acl_file {cfg.device_acl_path}",

@@ -488,6 +488,13 @@ class ProvisioningService:
                 issued.certificate_pem, thing=thing, certificate_id=issued.certificate_id
             )
             registry.set_certificate_status(interim.certificate_id, "INACTIVE")
+            # Interim certificates of earlier attempts that never rotated (the hub's
+            # connection was taken mid-exchange and it started over) end here too.
+            for other in registry.list_certificates(thing=thing):
+                if other.status == "ACTIVE" and (_common_name(other.pem) or "").startswith(
+                    PROVISIONAL_CN_PREFIX
+                ):
+                    registry.set_certificate_status(other.certificate_id, "INACTIVE")
         log.info(
             "thing %r rotated from interim certificate %s to %s",
             thing,

@@ -108,6 +108,7 @@ SYNC_TOKEN = "edgeloop-sync-"
 
 REQUEST_TIMEOUT = 5.0  # seconds for the cloud to answer one request (retried after)
 RETRY_DELAY = 2.0  # seconds before a failed reconciliation is tried again
+CLAIM_ATTEMPTS = 8  # tries of the claim's exchange, when other hubs take its connection
 PROVISIONING_TIMEOUT = 20.0  # seconds one provisioning request may take (hooks: up to 5)
 STOP_TIMEOUT = 3.0  # seconds a graceful stop waits for the offline message to be taken
 _MIN_BACKOFF = 0.5
@@ -1007,6 +1008,10 @@ def _write_private(path: Path, data: bytes) -> None:
     os.replace(temporary, path)
 
 
+class _Dropped(CloudError):
+    """The cloud closed a provisioning connection (another holder of the claim took it)."""
+
+
 class _Exchange:
     """One short MQTT 5 connection that sends requests and waits for their answers."""
 
@@ -1026,11 +1031,14 @@ class _Exchange:
         except (OSError, ValueError) as err:
             raise CloudError(f"cannot use {who} ({cert}, {key}, {settings.ca}): {err}") from err
         self._client.on_connect = self._on_connect
+        self._client.on_disconnect = self._on_disconnect
         self._client.on_message = self._on_message
         self._client.on_subscribe = self._on_subscribe
         self._client.on_publish = self._on_publish
         self._events: queue.Queue[tuple[str, Any]] = queue.Queue()
         self._correlation = b""
+        # The broker makes the certificate's CN the client id (so that no certificate can
+        # take another's session): answers come to a reply topic under that name.
         self._client_id = client_id
 
     def __enter__(self) -> _Exchange:
@@ -1105,12 +1113,22 @@ class _Exchange:
                     f"the cloud at {self.settings.endpoint} did not answer {self.who} within "
                     f"{timeout:g} s (waiting for its {kind})"
                 ) from None
+            if event[0] == "disconnected" and kind != "connect":
+                raise _Dropped(
+                    f"the cloud at {self.settings.endpoint} closed {self.who}'s connection "
+                    f"while waiting for its {kind} ({event[1]})"
+                )
             if event[0] == kind or event[0] in also:
                 return event
 
     # paho callbacks (its thread)
     def _on_connect(self, client: Any, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
         self._events.put(("connect", reason))
+
+    def _on_disconnect(
+        self, client: Any, userdata: Any, flags: Any, reason: Any, props: Any
+    ) -> None:
+        self._events.put(("disconnected", reason))
 
     def _on_subscribe(self, client: Any, userdata: Any, mid: int, reasons: Any, props: Any) -> None:
         self._events.put(("subscribe", reasons))
@@ -1142,19 +1160,36 @@ def provision_by_claim(settings: CloudConnection) -> str:
     template = claim.template
     interim_key, csr = _new_key_and_csr()
     who = f"the claim of template {template!r}"
-    client_id = f"claim-{template}-{secrets.token_hex(6)}"
-    with _Exchange(settings, claim.cert, claim.key, client_id, who) as exchange:
-        created = exchange.request(
-            _CREATE_FROM_CSR, {"certificateSigningRequest": csr}, "CreateCertificateFromCsr"
-        )
-        provisioned = exchange.request(
-            _provision_topic(template),
-            {
-                "certificateOwnershipToken": created.get("certificateOwnershipToken"),
-                "parameters": dict(claim.parameters),
-            },
-            f"provisioning through template {template!r}",
-        )
+    try:
+        claim_cn = _common_name(claim.cert.read_text())
+    except OSError as err:
+        raise CloudError(f"cannot read the claim certificate {claim.cert}: {err}") from err
+    # The broker names a connection after its certificate's CN, so hubs provisioning with
+    # one claim at the same moment take the connection from each other: try again, later.
+    rng = random.Random()
+    for attempt in range(1, CLAIM_ATTEMPTS + 1):
+        try:
+            with _Exchange(settings, claim.cert, claim.key, claim_cn, who) as exchange:
+                created = exchange.request(
+                    _CREATE_FROM_CSR,
+                    {"certificateSigningRequest": csr},
+                    "CreateCertificateFromCsr",
+                )
+                provisioned = exchange.request(
+                    _provision_topic(template),
+                    {
+                        "certificateOwnershipToken": created.get("certificateOwnershipToken"),
+                        "parameters": dict(claim.parameters),
+                    },
+                    f"provisioning through template {template!r}",
+                )
+            break
+        except _Dropped as err:
+            if attempt == CLAIM_ATTEMPTS:
+                raise
+            delay = rng.uniform(0.2, 1.0) * attempt
+            log.info("%s; trying again in %.1f s", err, delay)
+            time.sleep(delay)
     thing = provisioned.get("thingName")
     interim_pem = created.get("certificatePem")
     if not isinstance(thing, str) or not isinstance(interim_pem, str):
