@@ -16,6 +16,8 @@ SUITES: dict[str, str] = {
     "cloud": "benchmarks.cloud",
     "rollout": "benchmarks.rollout",
     "spool": "benchmarks.spool",
+    "pipeline": "benchmarks.pipeline",
+    "soak": "benchmarks.soak",
     "nab": "benchmarks.nab",
     "ml": "benchmarks.ml",
 }
