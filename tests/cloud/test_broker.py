@@ -556,16 +556,16 @@ def test_revocation_by_default_restarts_and_cuts_the_revoked_connection(
 def test_kill_9_is_survived_retained_and_queued_messages_kept(
     make: Any, pki: Pki, broker: Broker, loop: LoopThread
 ) -> None:
-    me = pki.device(unique("thing"))
-    sessions = {
-        proto: make(me, proto=proto, client_id=unique(me.cn), clean=False).connected()
-        for proto in (V5, V311)
-    }
-    for session in sessions.values():
-        session.subscribe(f"$aws/things/{me.cn}/jobs/notify")
+    # One device per protocol: the broker names a device's session after its CN.
+    devices = {proto: pki.device(unique("thing")) for proto in (V5, V311)}
+    for proto, device in devices.items():
+        session = make(device, proto=proto, clean=False).connected()
+        session.subscribe(f"$aws/things/{device.cn}/jobs/notify")
         session.close()
+    me = devices[V5]
     service = make(service=True).connected()
-    service.publish(f"$aws/things/{me.cn}/jobs/notify", b"queued while away")
+    for device in devices.values():
+        service.publish(f"$aws/things/{device.cn}/jobs/notify", b"queued while away")
     service.publish(f"edgeloop/things/{me.cn}/birth", b"online", retain=True)
     # Mosquitto acks a QoS 1 PUBLISH before its autosave, which comes a moment later.
     time.sleep(0.2)
@@ -574,10 +574,10 @@ def test_kill_9_is_survived_retained_and_queued_messages_kept(
     os.kill(pid, signal.SIGKILL)
     loop.run(broker.wait_running())
     assert broker.pid != pid and broker.restarts == restarts + 1
-    for proto, old in sessions.items():
-        back = make(me, proto=proto, client_id=old.paho._client_id.decode(), clean=False)
+    for proto, device in devices.items():
+        back = make(device, proto=proto, clean=False)
         assert back.connect()
-        assert back.expect(f"$aws/things/{me.cn}/jobs/notify") == b"queued while away"
+        assert back.expect(f"$aws/things/{device.cn}/jobs/notify") == b"queued while away"
     fresh = make(me).connected()
     fresh.subscribe(f"edgeloop/things/{me.cn}/birth")
     assert fresh.expect(f"edgeloop/things/{me.cn}/birth") == b"online"
