@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import anyio.to_thread
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from edgeloop.core.errors import NotFoundError
@@ -186,8 +187,6 @@ class ApiAuth:
                 f"{TOKEN_FILE})",
             )
         certificate_id = hashlib.sha256(ssl.PEM_cert_to_DER_cert(chain[0])).hexdigest()
-        import anyio.to_thread
-
         try:
             kind, thing, status = await anyio.to_thread.run_sync(self._lookup, certificate_id)
         except NotFoundError:

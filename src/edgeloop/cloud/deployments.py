@@ -67,7 +67,7 @@ from edgeloop.core.errors import ConflictError, NotFoundError, ResolutionError, 
 from edgeloop.core.jobstate import ExecutionStatus
 from edgeloop.core.recipe import parse_recipe
 from edgeloop.core.resolver import Candidate, resolve
-from edgeloop.core.rollout import Counts, RolloutState, start, step
+from edgeloop.core.rollout import Counts, RolloutConfig, RolloutState, start, step
 from edgeloop.core.semver import Range, Version
 
 __all__ = [
@@ -234,6 +234,8 @@ class DeploymentEngine:
         self.membership_interval = membership_interval
         self.lock = threading.RLock()
         self._membership_checked = float("-inf")
+        # A deployment's document never changes: its rollout is parsed once, not each tick.
+        self._configs: dict[str, RolloutConfig] = {}
         self._unregister = components.add_in_use_check(self.in_use)
 
     # == the control side ==================================================================
@@ -476,7 +478,7 @@ class DeploymentEngine:
                 return self._roll_back_finished(deployment_id, previous_id)
             if status != "ACTIVE":
                 return False
-            config = parse_deployment(document).rollout
+            config = self._rollout_config(deployment_id, document)
             counts = _counts(self.jobs.status_counts(deployment_id))
             pending = len(targets) - max(released, state.canary_targets)
             decision = step(config, state, counts, pending=pending, now=self.clock())
@@ -533,6 +535,12 @@ class DeploymentEngine:
                     row.updated_at = utcnow()
                     self._event(session, deployment_id, "completed", {"executions": asdict(counts)})
             return bool(wave) or decision.abort_reason is not None or decision.complete
+
+    def _rollout_config(self, deployment_id: str, document: Mapping[str, Any]) -> RolloutConfig:
+        config = self._configs.get(deployment_id)
+        if config is None:
+            config = self._configs[deployment_id] = parse_deployment(document).rollout
+        return config
 
     def _roll_back_finished(self, deployment_id: str, previous_id: str | None) -> bool:
         """Send hubs that took an aborted version since the last look back as well."""
