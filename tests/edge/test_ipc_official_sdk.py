@@ -188,7 +188,9 @@ if mode == "v1":
     operation.activate(SubscribeToTopicRequest(topic=topic_filter)).result(10)
     operation.get_response().result(10)
 else:
-    client = GreengrassCoreIPCClientV2()
+    # executor=None: handlers run on the SDK's own thread, in the order messages arrive (its
+    # default thread pool would run them concurrently and record them in any order).
+    client = GreengrassCoreIPCClientV2(executor=None)
     client.subscribe_to_topic(topic=topic_filter, on_stream_event=record, on_stream_error=on_error)
 emit(out, ready=True)
 idle()
